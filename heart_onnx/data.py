@@ -45,6 +45,7 @@ ImageNet's (0.485, 0.456, 0.406)/(0.229, 0.224, 0.225) for 3-channel inputs.
 """
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Literal, Sequence
@@ -370,12 +371,15 @@ def _folder(spec: InputSpec, path: str, n: int | None, seed: int) -> Dataset:
 
 def _npz(spec: InputSpec, path: str, n: int | None, seed: int) -> Dataset:
     p = _existing(path, want_dir=False)
+    with open(p, "rb") as fh:
+        if fh.read(4) != b"PK\x03\x04":
+            raise HeartError(f"{p} is not a valid .npz file (not a zip archive): write it with np.savez(path, x=..., y=...)")
     try:
         with np.load(p, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except ValueError as exc:
         raise HeartError(f"cannot read {p} without pickle ({exc}): save plain numeric arrays with np.savez") from None
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
         raise HeartError(f"{p} is not a valid .npz file ({exc}): write it with np.savez(path, x=..., y=...)") from None
     if not isinstance(arrays, dict) or "x" not in arrays:
         raise HeartError(f"{p} has no array 'x' (found {sorted(arrays)}): save inputs as np.savez(path, x=..., y=...)")
