@@ -1,0 +1,69 @@
+"""Adapter for Hugging Face GPT-NeoX (Pythia): ``GPTNeoXForCausalLM`` and ``GPTNeoXModel``.
+
+Block ``gpt_neox.layers.{i}``: ``attention.query_key_value`` (D -> 3D) is interleaved per head: head
+``h`` owns output columns ``h*3*Dh:(h+1)*3*Dh`` (its ``[q | k | v]``, each ``Dh`` wide);
+``attention.dense`` (D -> D) is the output projection (``head_input_module``: head ``h`` owns its
+input columns ``h*Dh:(h+1)*Dh``); ``mlp.dense_h_to_4h`` -> GELU -> ``mlp.dense_4h_to_h`` is a
+removable channel pair. Rotary embedding acts on the first ``rotary_ndims`` of each head's q and k.
+No prefix tokens; the sequence length is set by the input (``seq_len`` is None). Eager attention is
+switched on at construction (its probabilities are causal-masked, rows sum to 1).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._hf import HFTransformerAdapter, text_inputs
+
+
+class GPTNeoXAdapter(HFTransformerAdapter):
+    """HF GPT-NeoX / Pythia. ``eager`` (default True) switches the model to eager attention."""
+
+    family = "gpt_neox"
+    LAYERS = ("gpt_neox.layers", "layers")
+    ROLES = {
+        "head_input": ("attention.dense",),
+        "attn": ("attention",),
+        "qkv": ("attention.query_key_value",),
+        "fc1": ("mlp.dense_h_to_4h",),
+        "fc2": ("mlp.dense_4h_to_h",),
+    }
+    WEIGHT_ROLES = ("qkv", "head_input", "fc1", "fc2")
+
+    def __init__(self, model: nn.Module, eager: bool = True):
+        super().__init__(model, eager=eager)
+        self.kind = "lm" if hasattr(model, "lm_head") or hasattr(model, "embed_out") else "encoder"
+
+    @property
+    def rotary_ndims(self) -> int:
+        return int(self.role(0, "attn").rotary_ndims)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    def geometry(self) -> dict[str, Any]:
+        g = super().geometry()
+        g.update(rotary_ndims=self.rotary_ndims, vocab=self.vocab_size, qkv_layout="interleaved_per_head",
+                 parallel_residual=bool(self.config.use_parallel_residual))
+        return g
+
+    def qkv_columns(self, head: int) -> slice:
+        """Output columns of ``query_key_value`` owned by ``head`` (its q, k and v: ``3*Dh`` wide)."""
+        w = 3 * self.head_dim
+        return slice(head * w, (head + 1) * w)
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        if isinstance(inputs, dict):
+            return super().forward({**inputs, "use_cache": False})
+        return super().forward({"input_ids": inputs, "use_cache": False})
+
+    def example_inputs(self, batch: int = 1, seq_len: int | None = None) -> dict[str, torch.Tensor]:
+        """``input_ids`` (batch, seq_len) random tokens and an all-ones ``attention_mask`` (default seq_len 16)."""
+        return text_inputs(self, self.vocab_size, batch, seq_len, 16, self.max_positions)
