@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,7 +98,8 @@ def export_kv_decoder(model: nn.Module, out_dir: str | os.PathLike, exporter: st
             ("decode", KVWrapper(model, True), (ids1, am1, *past), ["input_ids", "attention_mask", *kv_names(L, "past")]),
         ):
             tmp = out / f"{name}.onnx"
-            with torch.no_grad():
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer warnings about the cache's Python-side checks
                 if exporter == "torchscript":
                     axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"}, "logits": {0: "batch", 1: "seq"}}
                     for n in in_names[2:]:

@@ -3,13 +3,14 @@
 
     spec = ModelSpec.parse("pythia-160m")          # random init, seed from the sweep
     spec = ModelSpec.parse("/ckpt/pythia-410m")      # a folder with config.json + weights (+ tokenizer)
-    spec = ModelSpec.parse("tiny:layers=2,hidden=32,heads=4")
+    spec = ModelSpec.parse("tiny:layers=2+hidden=32+heads=4")   # "+" or "," between options
     model = spec.build(seed=0)
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ class ModelSpec:
         if t.startswith("tiny"):
             kv = dict(_TINY_DEFAULTS)
             if ":" in t:
-                for part in t.split(":", 1)[1].split(","):
+                for part in re.split(r"[,+]", t.split(":", 1)[1]):
                     if not part:
                         continue
                     k, _, v = part.partition("=")
@@ -55,7 +56,7 @@ class ModelSpec:
         if key in _SIZES:
             return cls("size", f"pythia-{key}", size=key)
         raise HeartError(f"unknown model {text!r}: use pythia-70m/160m/410m/1b/1.4b (random init), a local checkpoint "
-                         "folder (real weights), or tiny:layers=2,hidden=32,heads=4")
+                         "folder (real weights), or tiny:layers=2+hidden=32+heads=4")
 
     @property
     def real_weights(self) -> bool:
