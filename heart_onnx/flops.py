@@ -9,8 +9,8 @@ counted (LayerNorm, softmax, GELU, residual adds, TopK are not). What is counted
   projection ``n*a*D``, MLP ``2*n*D*M``; classifier ``D*classes`` per classifier head on the class token.
 - ``bert``: the same block (q, k, v separate but the same MACs), embeddings are gathers (0 MACs),
   pooler ``D*D`` on [CLS] and classifier ``D*classes`` when the geometry has them.
-- ``gpt_neox`` at sequence length ``T`` (set it: LMs have no fixed length): the same block, the rotary
-  table ``T*rotary_dims/2`` and the LM head ``T*D*vocab``.
+- ``gpt_neox`` at sequence length ``T`` (set it: LMs have no fixed length): the same block and the LM
+  head ``T*D*vocab`` (the rotary table, a product of constant position ids, is folded by exporters).
 - ``cnn``: a list of :class:`ConvLayer` (conv or linear, with output size), summed.
 
 A Plan changes the count exactly as surgery changes the graph:
@@ -30,8 +30,8 @@ Geometry keys read (with their defaults): ``layers``, ``heads``, ``head_dim``, `
 ``mlp_hidden`` (also ``intermediate_size``/``mlp_dim``; default ``4*hidden``), ``patch_size`` and
 ``in_chans`` (vit; default 3; without ``patch_size`` it is derived from ``img_size`` and otherwise the
 patch embedding is not counted), ``num_classes`` (default 0), ``classifier_heads`` (vit: default 2 when
-``distilled`` else 1), ``pooler`` (bert: default True), ``vocab_size`` and ``rotary_pct`` (gpt_neox,
-default 0.25), and for ``cnn`` ``convs``: a list of dicts with ConvLayer's fields.
+``distilled`` else 1), ``pooler`` (bert: default True), ``vocab_size`` (gpt_neox, default 0), and for
+``cnn`` ``convs``: a list of dicts with ConvLayer's fields.
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class TransformerSpec:
     mlp_hidden: int
     seq_len: int  # tokens entering block 0
     prefix_tokens: int
-    embed_macs: int = 0  # MACs before block 0 (patch embedding conv, rotary table)
+    embed_macs: int = 0  # MACs before block 0 (patch embedding conv)
     head_macs: int = 0  # MACs after the last block (classifier, pooler, LM head)
     patches: int = 0  # vit: tokens produced by the patch embedding
 
@@ -241,8 +241,6 @@ def transformer_spec(geometry: Mapping[str, Any], family: str | None = None, seq
         head = (hidden * hidden if geometry.get("pooler", True) else 0) + hidden * classes
     else:  # gpt_neox
         vocab = _int(geometry, "vocab_size", "vocab", default=0)
-        rot = int(float(geometry.get("rotary_pct", 0.25)) * head_dim)
-        embed = n * (rot // 2)
         head = n * hidden * vocab
     return TransformerSpec(family, layers, heads, head_dim, hidden, mlp, n, prefix, embed, head, patches)
 
