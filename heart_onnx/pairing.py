@@ -61,6 +61,22 @@ PAIRINGS = ("cyclic", "best")
 
 
 # ---------------------------------------------------------------------------------------------- entries
+def pack(entries: Mapping[str, Entry]) -> dict[str, np.ndarray]:
+    """``{name: {field: array}}`` -> the flat ``Sensitivities.pairs`` form ``{"name/field": array}``."""
+    return {f"{name}/{k}": np.asarray(v) for name, e in entries.items() for k, v in e.items()}
+
+
+def entries(pairs: Mapping[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:
+    """The flat ``Sensitivities.pairs`` (``"name/field"`` keys) -> ``{name: entry}`` (inverse of :func:`pack`)."""
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, v in pairs.items():
+        name, sep, fld = key.rpartition("/")
+        if not sep:
+            raise HeartError(f"pairs key {key!r} is not '<weight>/<field>': regenerate the sensitivities with 'heart-onnx analyze'")
+        out.setdefault(name, {})[fld] = v
+    return out
+
+
 def _str(entry: Entry, key: str) -> str:
     return str(np.asarray(entry[key]).item())
 
@@ -289,7 +305,7 @@ def apply_rule(array: np.ndarray, merge: WeightMerge, role: str = "weight") -> n
     ``role="weight"``: the merged weight (channel mode: producer rows ``pruned`` zeroed, as the masked
     reference does); ``role="consumer"`` (channel mode only): the consumer with merged input columns.
     """
-    a = np.array(array, dtype=np.float32, copy=True)
+    a = np.array(array, dtype=np.float32, copy=True, order="C")
     pruned = np.asarray(merge.pruned, np.int64)
     partner = np.asarray(merge.partner, np.int64)
     coef = np.asarray(merge.coef, np.float32)

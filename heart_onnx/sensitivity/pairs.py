@@ -15,9 +15,13 @@ For every prunable weight ``W`` the adapter lists (``adapter.weights()``; key ``
 - for each ``adapter.channel_pairs()`` producer: the consumer's weight, ``consumer_hdiag``,
   ``consumer_curvature`` and ``consumer_gram`` (``E[a a^T]`` over the consumer's input *channels*).
 
-Loss: label-free ``"kl"`` (default): ``KL(p_dense || p)`` of the predictive distribution, averaged over
-samples (and tokens for language models); at the dense point its gradient is zero and its Hessian is
-the Gauss-Newton matrix (PSD). ``"ce"``: labelled cross-entropy (batches ``(x, y)``).
+Loss (``heart_onnx.sensitivity.loss``, mean over the batch): label-free ``"kl"`` (default):
+``KL(p_dense || p)`` of the predictive distribution (tokens averaged for language models); at the dense
+point its gradient is zero and its Hessian is the Gauss-Newton matrix (PSD). ``"ce"``: labelled
+cross-entropy (batches ``(x, y)``); ``"mse"``/``"cosine"`` for embedding outputs.
+
+``Sensitivities.pairs`` is flat (``name -> array``): store entries with ``heart_onnx.pairing.pack`` (keys
+``"<weight name>/<field>"``) and read them back with ``heart_onnx.pairing.entries``.
 Batches: a tensor ``x``, a tuple/list ``(x, y)`` or ``(x,)``, or a dict of model inputs (LMs).
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ from ..errors import HeartError
 from ..models.base import ChannelPair, ModelAdapter
 from ..models.fingerprint import weight_sha
 from .hvp import hutchinson_diag, power_iteration
+from .loss import LOSSES, per_input_loss
 
 PairsEntry = dict[str, np.ndarray]
 
@@ -64,26 +69,12 @@ def _mask(x: Any) -> torch.Tensor | None:
 
 def calibration_loss(logits: torch.Tensor, dense: torch.Tensor | None, labels: torch.Tensor | None,
                      loss: str = "kl", mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean ``KL(softmax(dense) || softmax(logits))`` (``loss="kl"``) or cross-entropy (``"ce"``) per sample/token."""
-    v = logits.shape[-1]
-    lg = logits.reshape(-1, v).float()
-    m = mask.reshape(-1).bool() if mask is not None and logits.dim() == 3 else None
-    if loss == "kl":
-        p_log = F.log_softmax(dense.reshape(-1, v).float(), dim=-1)
-        per = (p_log.exp() * (p_log - F.log_softmax(lg, dim=-1))).sum(-1)
-    elif loss == "ce":
-        if labels is None:
-            raise HeartError("loss 'ce' needs labelled calibration data (batches (x, y)): use loss='kl' for unlabelled data")
-        if logits.dim() == 3:  # language model: next-token labels
-            lg = logits[:, :-1].reshape(-1, v).float()
-            labels = labels[:, 1:]
-            m = mask[:, 1:].reshape(-1).bool() if mask is not None else None
-        per = F.cross_entropy(lg, labels.reshape(-1).long(), reduction="none")
-    else:
-        raise HeartError(f"unknown loss {loss!r}: use 'kl' (label-free) or 'ce' (labelled)")
-    if m is not None:
-        return per[m].mean()
-    return per.mean()
+    """Mean over the batch of ``heart_onnx.sensitivity.loss.per_input_loss`` (kl, ce, mse, cosine)."""
+    if loss not in LOSSES:
+        raise HeartError(f"unknown loss {loss!r}: use one of {', '.join(LOSSES)}")
+    if loss == "ce" and labels is None:
+        raise HeartError("loss 'ce' needs labelled calibration data (batches (x, y)): use loss='kl' for unlabelled data")
+    return per_input_loss(loss, logits, dense, labels, mask).mean()
 
 
 class _GramHook:
