@@ -186,17 +186,44 @@ class BudgetTuner:
 
     # ------------------------------------------------------------------ kept tokens over images
     def kept_tokens(self, plan: Plan) -> list[list[list[int]]]:
-        """Per image, per token stage: the original patch indices still present after that stage."""
+        """Per image, per token stage: the original patch indices (prefix excluded) still present after it.
+
+        Recovered by matching rows: a kept token's hidden vector is gathered unchanged, so each row after
+        a stage equals exactly one row before it (the fused token, if any, matches none and is skipped).
+        """
         if self.model is None or self.images is None or not plan.tokens:
             return []
         import torch
 
         from ..models.masking import apply_plan
+        from ..models.registry import adapt
 
-        with torch.no_grad(), apply_plan(self.model, plan) as masked:
-            masked.forward(self.images)
-            trace = getattr(masked, "kept_indices", None)
-        return trace or []
+        adapter = adapt(self.model)
+        P = plan.prefix_tokens
+        before: dict[int, torch.Tensor] = {}
+        after: dict[int, torch.Tensor] = {}
+        first = lambda o: o[0] if isinstance(o, (tuple, list)) else o  # noqa: E731
+        handles = [adapter.block_module(s.after_layer).register_forward_hook(
+            lambda m, i, o, l=s.after_layer: before.__setitem__(l, first(o).detach())) for s in plan.tokens]
+        try:
+            with torch.no_grad(), apply_plan(adapter, plan) as masked:
+                handles += [masked.block_module(s.after_layer).register_forward_hook(
+                    lambda m, i, o, l=s.after_layer: after.__setitem__(l, first(o).detach())) for s in plan.tokens]
+                masked.forward(self.images)
+        finally:
+            for h in handles:
+                h.remove()
+        B = self.images.shape[0]
+        origin = [list(range(-P, before[plan.tokens[0].after_layer].shape[1] - P)) for _ in range(B)]
+        out: list[list[list[int]]] = [[] for _ in range(B)]
+        for s in plan.tokens:
+            x0, x1 = before[s.after_layer], after[s.after_layer]  # (B, N, D), (B, K[+1], D)
+            for b in range(B):
+                d = torch.cdist(x1[b].double(), x0[b].double())  # (K, N)
+                match = [int(j) if d[i, j] == 0 else None for i, j in enumerate(d.argmin(-1).tolist())]
+                origin[b] = [origin[b][j] if j is not None else -1 for j in match]
+                out[b].append(sorted(o for o in origin[b] if o >= 0))
+        return out
 
     def _tokens_html(self, plan: Plan) -> str:
         kept = self.kept_tokens(plan)
