@@ -30,8 +30,8 @@ Geometry keys read (with their defaults): ``layers``, ``heads``, ``head_dim``, `
 ``mlp_hidden`` (also ``intermediate_size``/``mlp_dim``; default ``4*hidden``), ``patch_size`` and
 ``in_chans`` (vit; default 3; without ``patch_size`` it is derived from ``img_size`` and otherwise the
 patch embedding is not counted), ``num_classes`` (default 0), ``classifier_heads`` (vit: default 2 when
-``distilled`` else 1), ``pooler`` (bert: default True), ``vocab_size`` (gpt_neox, default 0), and for
-``cnn`` ``convs``: a list of dicts with ConvLayer's fields.
+``distilled`` else 1), ``pooler`` (bert: default True), ``vocab_size``/``vocab`` and ``lm_head``
+(gpt_neox, default 0 and True), and for ``cnn`` ``conv_layers``: a list of dicts with ConvLayer's fields.
 """
 from __future__ import annotations
 
@@ -241,15 +241,22 @@ def transformer_spec(geometry: Mapping[str, Any], family: str | None = None, seq
         head = (hidden * hidden if geometry.get("pooler", True) else 0) + hidden * classes
     else:  # gpt_neox
         vocab = _int(geometry, "vocab_size", "vocab", default=0)
-        head = n * hidden * vocab
+        head = n * hidden * vocab if geometry.get("lm_head", True) else 0
     return TransformerSpec(family, layers, heads, head_dim, hidden, mlp, n, prefix, embed, head, patches)
 
 
 def cnn_layers(geometry: Mapping[str, Any] | Iterable[Any]) -> list[ConvLayer]:
-    """ConvLayers from ``geometry["convs"]`` (dicts with ConvLayer's fields) or an iterable of them."""
-    items = geometry.get("convs") if isinstance(geometry, Mapping) else geometry
+    """ConvLayers from ``geometry["conv_layers"]`` (dicts with ConvLayer's fields, as the CNN adapter
+    records them) or an iterable of them."""
+    if isinstance(geometry, Mapping):
+        items = geometry.get("conv_layers")
+        if items is None and isinstance(geometry.get("convs"), (list, tuple)):
+            items = geometry["convs"]
+    else:
+        items = geometry
     if not items:
-        raise HeartError("cnn geometry lacks 'convs' (the list of conv/linear layer shapes): re-run 'heart-onnx analyze'")
+        raise HeartError("cnn geometry lacks 'conv_layers' (the conv/linear layer shapes): re-run 'heart-onnx analyze' "
+                         "with this heart-onnx (the CNN adapter records them)")
     out = []
     for it in items:
         if isinstance(it, ConvLayer):

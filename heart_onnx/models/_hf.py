@@ -11,7 +11,7 @@ the same function as SDPA and, unlike SDPA on CPU, has a double backward (needed
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -118,6 +118,15 @@ class HFTransformerAdapter(ModelAdapter):
     @property
     def head_dim(self) -> int:
         return int(getattr(self.config, "head_dim", None) or self.hidden_size // self.num_heads)
+
+    def geometry(self) -> dict[str, Any]:
+        """Base geometry plus the MLP width and classifier classes (for ``heart_onnx.flops``)."""
+        g = super().geometry()
+        if "fc1" in self._role_path:
+            g["mlp_hidden"] = int(self.role(0, "fc1").out_features)
+        if getattr(self, "kind", None) == "classifier" and self.config is not None:
+            g["num_classes"] = int(getattr(self.config, "num_labels", 0) or 0)
+        return g
 
     # ---- where things live
     def head_input_module(self, layer: int) -> nn.Module:

@@ -63,7 +63,9 @@ class BertAdapter(HFTransformerAdapter):
 
     def geometry(self) -> dict[str, Any]:
         g = super().geometry()
-        g.update(vocab=self.vocab_size)
+        # the pooler runs only under a classifier (an encoder's output is the last hidden state)
+        g.update(vocab=self.vocab_size, pooler=self.kind == "classifier"
+                 and any(n.split(".")[-1] == "pooler" for n, _ in self.model.named_modules()))
         return g
 
     def forward(self, inputs: Any) -> torch.Tensor:

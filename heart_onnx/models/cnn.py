@@ -100,8 +100,39 @@ class CNNAdapter(ModelAdapter):
 
     def geometry(self) -> dict[str, Any]:
         g = super().geometry()
-        g.update(input_size=list(self._input_size), convs=sum(isinstance(m, nn.Conv2d) for m in self.model.modules()))
+        g.update(input_size=list(self._input_size), convs=sum(isinstance(m, nn.Conv2d) for m in self.model.modules()),
+                 conv_layers=self.conv_layers())
         return g
+
+    def conv_layers(self) -> list[dict[str, Any]]:
+        """Every Conv2d/Linear with its output size at ``input_size`` (one batch-1 forward in eval mode,
+        training mode restored): the layer list ``heart_onnx.flops`` counts."""
+        out: list[dict[str, Any]] = []
+        hooks = []
+
+        def hook(mod: nn.Module, _inp: Any, y: torch.Tensor) -> None:
+            if isinstance(mod, nn.Conv2d):
+                out.append(dict(name=self._names[mod], in_ch=mod.in_channels, out_ch=mod.out_channels,
+                                kernel=list(mod.kernel_size), groups=mod.groups, out_hw=[int(y.shape[-2]), int(y.shape[-1])]))
+            else:
+                rows = int(y[0].numel() // mod.out_features)  # positions the Linear is applied to
+                out.append(dict(name=self._names[mod], in_ch=mod.in_features, out_ch=mod.out_features,
+                                kernel=[1, 1], groups=1, out_hw=[rows, 1]))
+
+        for m in self.model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                hooks.append(m.register_forward_hook(hook))
+        training = self.model.training
+        try:
+            self.model.eval()
+            p = next(self.model.parameters())
+            with torch.no_grad():
+                self.model(torch.zeros((1, *self._input_size), device=p.device, dtype=p.dtype))
+        finally:
+            self.model.train(training)
+            for h in hooks:
+                h.remove()
+        return out
 
     def blocks(self) -> list[BlockInfo]:
         return [BlockInfo(i, 0, 0, None, self.block_weights(i)) for i in range(self.num_layers)]

@@ -51,7 +51,7 @@ class GPTNeoXAdapter(HFTransformerAdapter):
     def geometry(self) -> dict[str, Any]:
         g = super().geometry()
         g.update(rotary_ndims=self.rotary_ndims, vocab=self.vocab_size, qkv_layout="interleaved_per_head",
-                 parallel_residual=bool(self.config.use_parallel_residual))
+                 parallel_residual=bool(self.config.use_parallel_residual), lm_head=self.kind == "lm")
         return g
 
     def qkv_columns(self, head: int) -> slice:

@@ -68,6 +68,13 @@ class HFViTAdapter(HFTransformerAdapter):
     def num_classes(self) -> int:
         return int(self.config.num_labels) if self.kind == "classifier" else 0
 
+    def geometry(self) -> dict[str, Any]:
+        """Plus the patch embedding and classifier count (DeiT with teacher: 2) for ``heart_onnx.flops``."""
+        g = super().geometry()
+        g.update(patch_size=self.patch_size, in_chans=int(getattr(self.config, "num_channels", 3)),
+                 classifier_heads=2 if hasattr(self.model, "distillation_classifier") else 1)
+        return g
+
     def forward(self, inputs: Any) -> torch.Tensor:
         if isinstance(inputs, dict):
             return super().forward(inputs)

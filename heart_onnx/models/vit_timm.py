@@ -77,6 +77,16 @@ class TimmViTAdapter(ModelAdapter):
     def num_classes(self) -> int:
         return int(self.model.num_classes)
 
+    def geometry(self) -> dict[str, Any]:
+        """Base geometry plus what ``heart_onnx.flops`` counts (patch embedding, MLP width, classifier)."""
+        g = super().geometry()
+        p = self.model.patch_embed.patch_size
+        g.update(patch_size=[int(s) for s in p] if isinstance(p, (tuple, list)) else int(p), in_chans=self.in_chans,
+                 img_size=list(self.image_size), num_classes=self.num_classes,
+                 mlp_hidden=int(self.model.blocks[0].mlp.fc1.out_features),
+                 classifier_heads=2 if getattr(self.model, "head_dist", None) is not None and self.num_classes else 1)
+        return g
+
     # ---- where things live
     def head_input_module(self, layer: int) -> nn.Module:
         return self.model.blocks[layer].attn.proj
