@@ -232,36 +232,36 @@ def test_bert_and_gpt_neox_hand_counts():
     assert r.macs_dense - r.macs_pruned == 2 * (T * 4 * 32 * 8 + 2 * T * T * 8)
 
 
-class _Wrap(nn.Module):
-    def __init__(self, m, lm):
-        super().__init__()
-        self.m, self.lm = m, lm
-
-    def forward(self, ids, am):
-        o = self.m(input_ids=ids, attention_mask=am)
-        return o.logits if self.lm else (o.last_hidden_state, o.pooler_output)
+ZOO = ["tiny_vit", "tiny_deit", "tiny_hf_vit", "tiny_hf_deit", "tiny_bert", "tiny_pythia", "tiny_resnet", "tiny_mobilenetv2"]
 
 
-@pytest.mark.parametrize("family", ["bert", "gpt_neox"])
-def test_hf_dense_matches_graph(tmp_path, family):
-    transformers = pytest.importorskip("transformers")
-    T = 12
-    if family == "bert":
-        cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                                      vocab_size=100, max_position_embeddings=64, attn_implementation="eager")
-        m = transformers.BertModel(cfg).eval()
-        geo = dict(family="bert", layers=2, heads=4, head_dim=8, hidden=32, mlp_hidden=64, seq_len=T, prefix_tokens=1)
+@pytest.mark.parametrize("name", ZOO)
+def test_zoo_geometry_matches_graph(tmp_path, name):
+    """Every family through its adapter's geometry (what analyze records) vs the exported graph, exactly."""
+    zoo = pytest.importorskip("heart_onnx.models.zoo")
+    from heart_onnx.models.registry import adapt
+
+    m = getattr(zoo, name)().eval()
+    adapter = adapt(m)
+    x = adapter.example_inputs(1)
+    if isinstance(x, dict):
+        names, args = list(x), tuple(x.values())
+        seq_len = int(x["input_ids"].shape[1])
+
+        class Wrap(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.m = m
+
+            def forward(self, *a):
+                return adapter.forward(dict(zip(names, a)))
+
+        mod = Wrap()
     else:
-        cfg = transformers.GPTNeoXConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                                         vocab_size=100, max_position_embeddings=64, rotary_pct=0.25,
-                                         attn_implementation="eager")
-        m = transformers.GPTNeoXForCausalLM(cfg).eval()
-        geo = dict(family="gpt_neox", layers=2, heads=4, head_dim=8, hidden=32, mlp_hidden=128, vocab_size=100)
-    ids = torch.randint(0, 100, (1, T))
-    am = torch.ones(1, T, dtype=torch.long)
-    path = export(_Wrap(m, family == "gpt_neox"), (ids, am), tmp_path / "hf.onnx", ["input_ids", "attention_mask"])
-    feeds = {"input_ids": ids.numpy(), "attention_mask": am.numpy()}
-    check_graph(path, feeds, model_flops(geo, seq_len=T).macs_dense)
+        names, args, seq_len, mod = ["x"], (x,), None, m
+    path = export(mod, args, tmp_path / "m.onnx", names)
+    feeds = {n: a.numpy() for n, a in zip(names, args)}
+    check_graph(path, feeds, model_flops(adapter.geometry(), seq_len=seq_len).macs_dense)
 
 
 # ---------------------------------------------------------------------------------------------- CNN
@@ -292,7 +292,7 @@ def _convs(c1=8, c2=16):
 def test_cnn_dense_and_channel_merge_match_graph(tmp_path):
     x = torch.randn(1, 3, 16, 16)
     feeds = {"x": x.numpy()}
-    geo = {"family": "cnn", "convs": _convs()}
+    geo = {"family": "cnn", "conv_layers": _convs()}
     dense = model_flops(geo)
     check_graph(export(TinyCNN(), (x,), tmp_path / "c.onnx", ["x"]), feeds, dense.macs_dense)
     # 3 of conv1's 8 channels merged into partners: conv1 loses 3 outputs, conv2 3 inputs
@@ -338,7 +338,7 @@ def test_invalid_plans_and_geometry_are_clear_errors():
         model_flops(TINY, Plan(fingerprint="x", family="vit", geometry=TINY, heads={0: (4,)}))
     with pytest.raises(HeartError, match="layers"):
         transformer_spec({"family": "vit", "heads": 2})
-    with pytest.raises(HeartError, match="convs"):
+    with pytest.raises(HeartError, match="conv_layers"):
         model_flops({"family": "cnn"})
     with pytest.raises(HeartError, match="family"):
         model_flops({"family": "rnn", "layers": 1})
