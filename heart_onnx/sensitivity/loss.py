@@ -37,13 +37,18 @@ def _per_input(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return (x * m).sum(1) / m.sum(1).clamp_min(1)
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """float16/bfloat16 -> float32 (losses in low precision lose the small differences that matter)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
 def kl_loss(logits: torch.Tensor, target_logits: torch.Tensor | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-input KL(softmax(target) || softmax(logits)), (B, C) or (B, T, V) logits -> (B,).
 
     ``target_logits`` default None: the logits themselves, detached (the dense point). ``mask`` (B, T)
     selects the positions of language-model inputs (default: all).
     """
-    z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+    z = _upcast(logits)
     t = z.detach() if target_logits is None else target_logits.to(z.dtype)
     logp = F.log_softmax(t, dim=-1)
     p = logp.exp()
@@ -54,9 +59,10 @@ def kl_loss(logits: torch.Tensor, target_logits: torch.Tensor | None = None, mas
 def ce_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Per-input cross-entropy. Classifiers: logits (B, C), labels (B,). LMs: logits (B, T, V) and
     labels (B, T) are next-token targets (position t predicts ``labels[:, t+1]``)."""
+    logits = _upcast(logits)
     if logits.ndim == 2:
-        return F.cross_entropy(logits.float(), labels.long(), reduction="none")
-    z = logits[:, :-1].float()  # (B, T-1, V)
+        return F.cross_entropy(logits, labels.long(), reduction="none")
+    z = logits[:, :-1]  # (B, T-1, V)
     y = labels[:, 1:].long()
     ce = F.cross_entropy(z.reshape(-1, z.shape[-1]), y.reshape(-1), reduction="none").view(y.shape)
     return _per_input(ce, None if mask is None else mask[:, 1:])
@@ -65,14 +71,14 @@ def ce_loss(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | Non
 def mse_loss(output: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     """Per-input mean squared error against the dense output (default: the output detached, i.e. 0)."""
     t = output.detach() if target is None else target
-    d = (output - t).float() ** 2
+    d = _upcast(output - t) ** 2
     return d.reshape(d.shape[0], -1).mean(1)
 
 
 def cosine_loss(output: torch.Tensor, target: torch.Tensor | None = None) -> torch.Tensor:
     """Per-input ``1 - cos(output, target)`` over the flattened features (default target: output detached)."""
     t = output.detach() if target is None else target
-    o, t = output.reshape(output.shape[0], -1).float(), t.reshape(t.shape[0], -1).float()
+    o, t = _upcast(output.reshape(output.shape[0], -1)), _upcast(t.reshape(t.shape[0], -1))
     return 1 - F.cosine_similarity(o, t, dim=1)
 
 
@@ -168,7 +174,8 @@ def lm_kl_chunked(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     V = weight.shape[0]
     if chunk_rows is None:
         chunk_rows = max(1, (32 << 20) // (4 * V))
-    m = torch.ones(B, T, device=hidden.device) if mask is None else mask.to(hidden.device).float()
+    wdt = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    m = torch.ones(B, T, device=hidden.device, dtype=wdt) if mask is None else mask.to(hidden.device, wdt)
     wr = (m / m.sum(1, keepdim=True).clamp_min(1)).reshape(-1)  # (B*T,) per-input mean weights
     ht = hidden.new_zeros(0) if target_hidden is None else target_hidden.detach().reshape(B * T, D)
     return _ChunkedKL.apply(hidden.reshape(B * T, D), ht, weight.detach(), None if bias is None else bias.detach(),
