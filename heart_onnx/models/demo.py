@@ -231,3 +231,14 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     for i in range(0, len(x), batch_size):
         correct += int((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum())
     return correct / max(len(x), 1)
+
+
+DEMO_MODELS = {"demo-vit": demo_vit, "demo-cnn": demo_cnn}
+
+
+def build_demo(name: str, pretrained: bool = True, weights: str | Path | None = None) -> nn.Module:
+    """``build_demo("demo-vit" | "demo-cnn", pretrained=True, weights=None)``: by name, for the CLI."""
+    key = name.lower().replace("_", "-")
+    if key not in DEMO_MODELS:
+        raise HeartError(f"unknown demo model {name!r}: choose from {', '.join(DEMO_MODELS)}")
+    return DEMO_MODELS[key](pretrained=pretrained, weights=weights)
