@@ -179,6 +179,15 @@ def _geometry(sens: Any) -> tuple[str, dict[str, Any]]:
     return family, geo
 
 
+def _default_seq_len(sens: Any, scorer: str) -> int | None:
+    """Sequence length for models without a fixed one (BERT, GPT-NeoX): the token curve's, else meta's."""
+    curve = _Problem._token_curve(sens, scorer)
+    if curve is not None and curve.ndim == 2:
+        return int(curve.shape[1] - 1)
+    v = (getattr(sens, "meta", None) or {}).get("seq_len")
+    return int(v) if v else None
+
+
 def _monotone_curve(row: np.ndarray) -> np.ndarray:
     """Loss vs kept count made non-increasing in K (fmax from the right, nan ignored), 0 at K = N, >= 0."""
     r = np.asarray(row, dtype=np.float64)
@@ -204,6 +213,8 @@ class _Problem:
         self.scorer, self.fuse, self.granularity, self.method = scorer, bool(fuse_dropped), granularity, method
         self.cal = calibration_factors(sens)
         self.is_cnn = self.family == "cnn"
+        if seq_len is None and not self.is_cnn and self.geometry.get("seq_len") is None:
+            seq_len = _default_seq_len(sens, scorer)
         self.seq_len_arg = seq_len
         if self.is_cnn:
             self.convs = {(c.name[:-7] if c.name.endswith(".weight") else c.name): c for c in cnn_layers(self.geometry)}
@@ -263,6 +274,7 @@ class _Problem:
         # ---- pairs
         self.pair_names: list[str] = []
         self.pair_grid: np.ndarray = np.zeros(0)
+        self.pair_sparsity: list[np.ndarray] = []  # per weight: 0 then the grid steps that prune more
         self.pair_loss: list[np.ndarray] = []
         self.pair_unit: list[np.ndarray] = []  # MACs saved per row at each grid step (cnn: absolute MACs)
         self.pair_layer: list[int] = []
@@ -330,10 +342,15 @@ class _Problem:
             e = self.entries[name]
             if not pairing.supports(e, self.granularity):
                 continue
-            curve = np.concatenate([[0.0], pairing.merge_curve(e, self.granularity, grid, self.method)])
-            curve = np.maximum.accumulate(np.clip(np.nan_to_num(curve, nan=np.inf), 0.0, None)) * self.cal["pairs"]
             shape = tuple(int(s) for s in np.asarray(e["shape"]).reshape(-1)) if "shape" in e else tuple(np.asarray(e["weight"]).shape)
-            counts = np.array([self._pruned_count(shape, s) for s in self.pair_grid], dtype=np.float64)
+            counts_all = [self._pruned_count(shape, s) for s in self.pair_grid]
+            steps = [0] + [j for j in range(1, len(counts_all)) if counts_all[j] > max(counts_all[:j])]  # distinct counts
+            if len(steps) < 2:
+                continue
+            sp = self.pair_grid[steps]
+            counts = np.array([counts_all[j] for j in steps], dtype=np.float64)
+            curve = np.concatenate([[0.0], pairing.merge_curve(e, self.granularity, list(sp[1:]), self.method)])
+            curve = np.maximum.accumulate(np.clip(np.nan_to_num(curve, nan=np.inf), 0.0, None)) * self.cal["pairs"]
             if self.granularity == "channel":
                 cshape = tuple(int(s) for s in np.asarray(e["consumer_shape"]).reshape(-1)) if "consumer_shape" in e else tuple(np.asarray(e["consumer_weight"]).shape)
                 cons = str(np.asarray(e["consumer"]).item()) if "consumer" in e else None
@@ -344,6 +361,7 @@ class _Problem:
             else:
                 unit = counts * (self._conv(name).positions if self.is_cnn else 1)
             self.pair_names.append(name)
+            self.pair_sparsity.append(sp)
             self.pair_loss.append(curve)
             self.pair_unit.append(unit)
             layer = weight_layer(name)
@@ -507,8 +525,7 @@ class _Problem:
             n = self.tokens_per_layer()[i]
             return float(self.head_cost[i][r]), 2.0 * self.spec.head_block_macs(n)
         if kind == "tokens":
-            keeps = self.keeps()
-            step = min(self.token_step, keeps[-1] - self.min_keep)
+            step = self._token_step(i)
             if step <= 0:
                 return None
             new = list(self.drops)
@@ -517,11 +534,28 @@ class _Problem:
             df = self.effective_macs() - self.effective_macs(new)
             return dl, 2.0 * df
         s = self.pstep[i]
-        if s + 1 >= len(self.pair_grid):
+        if s + 1 >= len(self.pair_sparsity[i]):
             return None
         dl = self.pair_loss[i][s + 1] - self.pair_loss[i][s]
         du = self.pair_unit[i][s + 1] - self.pair_unit[i][s]
         return float(dl), 2.0 * du * self._rows(i)
+
+    def _token_step(self, i: int) -> int:
+        """Tokens the next step of stage ``i`` drops: ``token_step``, or when it opens the stage, the fewest that
+        pay for its overhead (scorer, fused token: with ``fuse_dropped`` dropping one token saves nothing)."""
+        room = self.keeps()[-1] - self.min_keep
+        if room <= 0:
+            return 0
+        step = min(self.token_step, room)
+        if self.drops[i] == 0:
+            base = self.effective_macs()
+            new = list(self.drops)
+            while step < room:
+                new[i] = step
+                if base - self.effective_macs(new) > 0:
+                    break
+                step += 1
+        return step
 
     def apply(self, kind: str, i: int) -> Action:
         self._dirty(blocks=kind != "tokens")
@@ -530,7 +564,8 @@ class _Problem:
             self.removed[i] += 1
             return Action("heads", i, h, 0.0, 0.0)
         if kind == "tokens":
-            step = min(self.token_step, self.keeps()[-1] - self.min_keep)
+            step = self._token_step(i)
+            self._dirty(blocks=False)  # _token_step cached the state before the drop
             self.drops[i] += step
             return Action("tokens", self.token_layers[i], i, 0.0, 0.0)
         s = self.pstep[i]
@@ -658,14 +693,15 @@ class _Problem:
         for i, s in enumerate(self.pstep):
             if s:
                 name = self.pair_names[i]
-                merges.append(self.pairing.make_merge(self.entries[name], self.granularity, float(self.pair_grid[s]), self.method, name=name))
+                merges.append(self.pairing.make_merge(self.entries[name], self.granularity, float(self.pair_sparsity[i][s]), self.method, name=name))
         by_target = self.loss_by_target()
         predicted = float(sum(by_target.values()))
         plan = Plan(
             fingerprint=str(meta.get("fingerprint", "")), family=self.family, geometry=dict(self.geometry),
             heads=heads, tokens=tokens, token_scorer=self.scorer, scorers=scorers,
             fuse_dropped=self.fuse if tokens else False, prefix_tokens=int(self.P if not self.is_cnn else self.geometry.get("prefix_tokens", 0) or 0),
-            merges=tuple(merges), anchors=dict(meta.get("anchors") or {}), budget=budget,
+            merges=tuple(merges), anchors={**dict(meta.get("anchors") or {}), **{m.weight: m.weight_sha for m in merges}},
+            budget=budget,
             predicted_loss_change=predicted,
         )
         rep = model_flops(self.geometry, plan, family=self.family, seq_len=self.seq_len_arg)
@@ -720,7 +756,7 @@ def plan(sens: Any, budget: float, targets: Sequence[str] | str | None = None, *
     return curve.to_plan(b, refine=refine)
 
 
-def predict(sens: Any, plan: Plan, *, calibrated: bool = True, seq_len: int | None = None) -> dict[str, float]:
+def predict(sens: Any, plan: Plan, *, calibrated: bool = True) -> dict[str, float]:
     """Predicted loss change of any ``plan`` by target (``heads``, ``tokens``, ``pairs``) and ``total``.
 
     ``calibrated`` (default True) applies the factors in ``sens.meta["calibration"]``. Token stages use
