@@ -41,14 +41,15 @@ METHODS = ("hessian", "magnitude", "taylor", "fisher", "random", "cls_attention"
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
     """A calibration batch -> ``(inputs, labels or None)``.
 
-    Accepted: a tensor; ``(inputs, labels)`` / ``[inputs, labels]`` (labels an integer tensor); a dict
+    Accepted: a tensor; ``(inputs, labels)`` / ``[inputs, labels]`` (labels an integer tensor, or None as
+    ``heart_onnx.data.load_data`` yields for unlabelled sources); a dict
     of model kwargs (``labels`` popped if present).
     """
     if isinstance(batch, dict):
         b = dict(batch)
         return b, b.pop("labels", None)
     if isinstance(batch, (tuple, list)):
-        if len(batch) == 2 and isinstance(batch[1], torch.Tensor) and not batch[1].is_floating_point():
+        if len(batch) == 2 and (batch[1] is None or (isinstance(batch[1], torch.Tensor) and not batch[1].is_floating_point())):
             return batch[0], batch[1]
         if len(batch) == 1:
             return batch[0], None
