@@ -933,7 +933,7 @@ def _fill_residual(blk: AttentionBlock, graph: Any, order: dict) -> None:
 
 
 # ============================================================================ graph import / exporter
-def import_graph(model: Any, infer_shapes: bool = True) -> Any:
+def import_graph(model: Any, infer_shapes: bool = True, base_dir: str | None = None) -> Any:
     """``gs.Graph`` of ``model`` with every tensor's shape filled by ONNX shape inference (data propagation).
 
     Shape inference runs on a light copy without the big initializers' data, so it is cheap and
@@ -942,7 +942,7 @@ def import_graph(model: Any, infer_shapes: bool = True) -> Any:
     gs = _gs()
     graph = gs.import_onnx(model)
     if infer_shapes:
-        shapes = infer_value_shapes(model)
+        shapes = infer_value_shapes(model, {}, base_dir)
         for name, t in graph.tensors().items():
             if isinstance(t, gs.Variable) and name in shapes:
                 dtype, shape = shapes[name]
@@ -982,24 +982,9 @@ def light_model(model: Any, keep_elements: int = 64) -> Any:
     return light
 
 
-def infer_value_shapes(model: Any, fixed_dims: dict[str, int] | None = None) -> dict[str, tuple[Any, list]]:
-    """name -> (numpy dtype or None, shape list with ints / dim_param strings / None) for every value.
-
-    - ``fixed_dims``: default None; symbolic input dims to pin, by name (e.g. ``{"batch": 1}``).
-    """
-    import onnx
+def _collect(inferred: Any) -> dict[str, tuple[Any, list]]:
     from onnx import helper
 
-    light = light_model(model)
-    if fixed_dims:
-        for vi in light.graph.input:
-            for d in vi.type.tensor_type.shape.dim:
-                if d.HasField("dim_param") and d.dim_param in fixed_dims:
-                    d.dim_value = int(fixed_dims[d.dim_param])
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
-    except Exception:  # noqa: BLE001 - inference is best effort; fall back to what the file records
-        inferred = light
     out: dict[str, tuple[Any, list]] = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
         tt = vi.type.tensor_type
@@ -1012,6 +997,80 @@ def infer_value_shapes(model: Any, fixed_dims: dict[str, int] | None = None) -> 
             dtype = None
         out[vi.name] = (dtype, shape)
     return out
+
+
+def _static(shape: list | None) -> bool:
+    return shape is not None and all(isinstance(d, int) for d in shape)
+
+
+def infer_value_shapes(model: Any, fixed_dims: dict[str, int] | None = None,
+                       base_dir: str | None = None) -> dict[str, tuple[Any, list]]:
+    """name -> (numpy dtype or None, shape list with ints / dim_param strings / None) for every value.
+
+    - ``fixed_dims``: default None; symbolic input dims to pin, by name (e.g. ``{"batch": 1}``).
+    - ``base_dir``: default None; folder of the model's external data, read only when the fallback
+      below needs weights.
+    ONNX shape inference (data propagation on) runs first on a light copy; when some node outputs
+    stay unknown (Slices with computed bounds, as TorchScript's rotary code has), onnxruntime's
+    symbolic shape inference fills them (it needs the weights; skipped over 2 GB).
+    """
+    import onnx
+
+    light = light_model(model)
+    if fixed_dims:
+        for vi in light.graph.input:
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_param") and d.dim_param in fixed_dims:
+                    d.dim_value = int(fixed_dims[d.dim_param])
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, check_type=False, strict_mode=False, data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort; fall back to what the file records
+        inferred = light
+    out = _collect(inferred)
+    missing = [o for n in model.graph.node for o in n.output[:1] if n.op_type not in ("Constant",)
+               and not _static(out.get(o, (None, None))[1])]
+    if missing and (fixed_dims is not None or not any(True for vi in model.graph.input
+                                                      for d in vi.type.tensor_type.shape.dim if d.dim_param)):
+        more = _symbolic_shapes(model, fixed_dims or {}, base_dir)
+        for k, v in more.items():
+            if not _static(out.get(k, (None, None))[1]) and _static(v[1]):
+                out[k] = v
+    return out
+
+
+def _symbolic_shapes(model: Any, fixed_dims: dict[str, int], base_dir: str | None) -> dict[str, tuple[Any, list]]:
+    import contextlib
+    import io
+    import logging
+
+    import onnx
+
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+    except Exception:  # noqa: BLE001 - onnxruntime or sympy missing
+        return {}
+    external = [t for t in model.graph.initializer if t.data_location == 1]
+    size = sum(len(t.raw_data) for t in model.graph.initializer)
+    if size > 2**31 - 2**27 or (external and base_dir is None):
+        return {}
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    try:
+        if external:
+            from onnx.external_data_helper import load_external_data_for_model
+
+            load_external_data_for_model(copy, base_dir)
+        for vi in copy.graph.input:
+            for d in vi.type.tensor_type.shape.dim:
+                if d.HasField("dim_param") and d.dim_param in fixed_dims:
+                    d.dim_value = int(fixed_dims[d.dim_param])
+        del copy.graph.value_info[:]
+        logging.getLogger("onnxruntime").setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(io.StringIO()):
+            inferred = SymbolicShapeInference.infer_shapes(copy, auto_merge=True, guess_output_rank=False)
+    except Exception:  # noqa: BLE001 - best effort
+        return {}
+    return _collect(inferred) if inferred is not None else {}
 
 
 def detect_exporter(model: Any) -> Exporter:
