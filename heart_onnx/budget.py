@@ -557,22 +557,23 @@ class _Problem:
                 step += 1
         return step
 
-    def apply(self, kind: str, i: int) -> Action:
+    def apply(self, kind: str, i: int) -> tuple[int, int, str]:
+        """Take the next step of slot (kind, i); returns the Action's (layer, index, name)."""
         self._dirty(blocks=kind != "tokens")
         if kind == "heads":
             h = int(self.head_order[i][self.removed[i]])
             self.removed[i] += 1
-            return Action("heads", i, h, 0.0, 0.0)
+            return i, h, ""
         if kind == "tokens":
             step = self._token_step(i)
             self._dirty(blocks=False)  # _token_step cached the state before the drop
             self.drops[i] += step
-            return Action("tokens", self.token_layers[i], i, 0.0, 0.0)
+            return self.token_layers[i], i, ""
         s = self.pstep[i]
         self.pstep[i] = s + 1
         l = self.pair_layer[i]
         self.unit_in[l if l >= 0 else self.L] += self.pair_unit[i][s + 1] - self.pair_unit[i][s]
-        return Action("pairs", l, s + 1, 0.0, 0.0, self.pair_names[i])
+        return l, s + 1, self.pair_names[i]
 
     def replay(self, actions: Iterable[Action]) -> None:
         self.reset()
@@ -626,7 +627,7 @@ class _Problem:
                 continue
             if nk[0] == 2:  # nothing left that saves FLOPs
                 break
-            a = self.apply(kind, i)
+            layer, index, name = self.apply(kind, i)
             if kind == "tokens":
                 tok_loss = self.token_loss()
                 cur_loss += tok_loss - prev_tok
@@ -634,7 +635,7 @@ class _Problem:
             else:
                 cur_loss += ev[0]
             f = 2.0 * self.effective_macs()
-            actions.append(Action(a.kind, a.layer, a.index, float(cur_loss - loss[-1]), float(flops[-1] - f), a.name))
+            actions.append(Action(kind, layer, index, float(cur_loss - loss[-1]), float(flops[-1] - f), name))
             loss.append(cur_loss)
             flops.append(f)
             nxt = self.evaluate(kind, i)

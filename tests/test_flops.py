@@ -61,18 +61,10 @@ def ort_macs(path, feeds) -> int:
 def graph_flops_macs(path) -> float | None:
     """MatMul/Gemm/Conv MACs from engineer C's graph_flops, or None while it is not there."""
     try:
-        from heart_onnx import graph_flops as gf
+        from heart_onnx.graph_flops import graph_flops
     except ImportError:
         return None
-    fn = getattr(gf, "graph_flops", None) or getattr(gf, "count_flops", None)
-    if fn is None:
-        return None
-    r = fn(str(path))
-    for key in ("macs",):
-        v = r.get(key) if isinstance(r, dict) else getattr(r, key, None)
-        if v is not None:
-            return float(v)
-    return None
+    return float(graph_flops(onnx.load(str(path))).macs)
 
 
 def export(module, args, path, names):
