@@ -327,3 +327,21 @@ def test_sensitivities_round_trip(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"nope")
     with pytest.raises(HeartError):
         Sensitivities.load(tmp_path / "bad.npz")
+
+
+def test_cli_analyze_demo_vit(tmp_path, capsys):
+    from heart_onnx.cli.main import main
+
+    out = tmp_path / "sens.npz"
+    rc = main(["analyze", "--model", "demo-vit", "--data", "digits", "-n", "16", "--batch-size", "8", "--probes", "2",
+               "-o", str(out), "--json"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    s = Sensitivities.load(out)
+    assert summary["output"] == str(out) and s.meta["n_samples"] == 16 and s.meta["model"] == "demo-vit"
+    assert s.head.shape == (4, 8) and s.token_keep_curve.shape == (4, 18) and sorted(s.scorers) == [0, 1, 2, 3]
+    # user errors: one line, exit 1
+    assert main(["analyze", "--model", "demo-vit", "--probes", "0", "-o", str(tmp_path / "x.npz")]) == 1
+    assert main(["analyze", "--model", "no-such-model", "-o", str(tmp_path / "x.npz")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(e.startswith("heart-onnx analyze: error:") for e in err)
