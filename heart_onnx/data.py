@@ -211,6 +211,9 @@ def input_spec(model: Any = None, *, input_shape: Sequence[int] | None = None, v
                std: Sequence[float] | float | None = None) -> InputSpec:
     """What ``model`` (a ``ModelAdapter`` or module; default None) takes, overridden by the explicit options.
 
+    The shape comes from ``input_shape``, else the module's ``heart_onnx_input_shape`` attribute (the demo
+    models set it: a conv net has no fixed input size), else ``adapter.example_inputs(1)``.
+
     ``input_shape`` (default None): (C, H, W) for images or (T,) for tokens, without the batch dimension.
     ``vocab_size``, ``seq_len`` (default None: from the model, else 128) for token models; ``mean``/``std``
     (default None: see the module docstring) for images.
@@ -227,6 +230,9 @@ def input_spec(model: Any = None, *, input_shape: Sequence[int] | None = None, v
             kind = "tokens"
         else:
             raise HeartError(f"input shape {shape} is neither (C, H, W) nor (T,): give it without the batch dimension")
+    elif getattr(module, "heart_onnx_input_shape", None) is not None:  # models that declare their input (demo models)
+        shape = tuple(int(s) for s in module.heart_onnx_input_shape)
+        kind = "image" if len(shape) == 3 else "tokens"
     elif adapter is not None:
         try:
             ex = adapter.example_inputs(1)

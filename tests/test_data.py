@@ -345,3 +345,10 @@ def test_split_batch_conventions():
     assert set(inputs) == {"input_ids"} and labels is y
     with pytest.raises(HeartError, match="cannot read a batch"):
         data.split_batch((x, y, y))
+
+
+def test_demo_models_declare_their_input():
+    """A conv net has no fixed input size: the demo CNN declares (1, 8, 8), so digits are not resized."""
+    for model in (demo.build_cnn(), demo.build_vit()):
+        x, y = data.concat_batches(data.load_data("digits:test", model, n=9))
+        assert torch.equal(x, demo.digits_split()[2][:9]) and torch.equal(y, demo.digits_split()[3][:9])

@@ -129,6 +129,7 @@ def build_vit(**overrides: Any) -> nn.Module:
     from timm.models.vision_transformer import VisionTransformer
 
     model = VisionTransformer(**{**VIT_CONFIG, **overrides})
+    model.heart_onnx_input_shape = (model.patch_embed.proj.in_channels, *model.patch_embed.img_size)  # (C, H, W)
     for blk in model.blocks:
         blk.attn.fused_attn = False
     return model
@@ -140,6 +141,8 @@ class DigitsResNet(nn.Module):
     stem ``conv1`` (3x3, stride 1) -> ``bn1`` -> ``relu`` -> ``layer1..layerK`` -> ``avgpool`` -> ``fc``.
     Defaults: ``in_chans=1, num_classes=10, widths=(16, 32, 64), strides=(1, 2, 2), blocks=(1, 1, 1)``.
     """
+
+    heart_onnx_input_shape = INPUT_SHAPE  # (C, H, W): read by heart_onnx.data (a conv net has no fixed size)
 
     def __init__(self, in_chans: int = 1, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64),
                  strides: tuple[int, ...] = (1, 2, 2), blocks: tuple[int, ...] = (1, 1, 1)):
