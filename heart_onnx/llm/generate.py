@@ -73,6 +73,21 @@ def torch_generate(model, input_ids: np.ndarray, new_tokens: int, device: str = 
     return GenStats(tokens, t1 - t0, t2 - t1, t2 - t0, steps)
 
 
+def _calib_feeds(files: KVDecoderFiles, decode: bool, batch: int, length: int, n: int = 4) -> list[dict]:
+    """Random calibration feeds (token ids, ones mask, N(0,1) past) for int8 engine builds."""
+    rng = np.random.default_rng(0)
+    feeds = []
+    for _ in range(n):
+        T = 1 if decode else length
+        f = {"input_ids": rng.integers(0, files.vocab, (batch, T)).astype(np.int64),
+             "attention_mask": np.ones((batch, length + 1 if decode else length), np.int64)}
+        if decode:
+            for name in kv_names(files.num_layers, "past"):
+                f[name] = rng.standard_normal((batch, files.num_heads, length, files.head_dim)).astype(np.float32)
+        feeds.append(f)
+    return feeds
+
+
 class OnnxKVDecoder:
     """Run ``prefill.onnx`` once and ``decode.onnx`` per token (context manager, like a runner).
 
@@ -96,6 +111,9 @@ class OnnxKVDecoder:
             pk = {n: ((1, H, 1, Dh), (opt_batch, H, opt_len, Dh), (max_batch, H, max_len - 1, Dh)) for n in kv_names(L, "past")}
             kw_d = {"profiles": {"input_ids": ((1, 1), (opt_batch, 1), (max_batch, 1)),
                                  "attention_mask": ((1, 2), (opt_batch, opt_len + 1), (max_batch, max_len)), **pk}}
+            if precision == "int8":  # random calibration data: the speed of int8, not its accuracy
+                kw["calib_batches"] = _calib_feeds(files, False, opt_batch, opt_len)
+                kw_d["calib_batches"] = _calib_feeds(files, True, opt_batch, opt_len)
         self.prefill = make_runner(files.prefill, backend, precision=precision, threads=threads, cache_dir=cache_dir, **kw)
         self.decode = make_runner(files.decode, backend, precision=precision, threads=threads, cache_dir=cache_dir, **kw_d)
         self._past_in = kv_names(L, "past")
