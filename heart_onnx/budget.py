@@ -29,9 +29,9 @@ the one with the fewest FLOPs, so more budget never saves fewer FLOPs. ``refine=
 remaining budget with the best-ratio steps that still fit (may save a little more; it is not part of the
 curve, so monotonicity in the budget is guaranteed only without it).
 
-Calibration: components interact, so additive predictions drift. Each target's prediction is multiplied
-by a factor in ``sens.meta["calibration"]`` (default 1.0) fitted by :func:`calibrate` from measured
-loss changes of a few plans.
+Calibration: components interact, so additive predictions drift. Each target's additive prediction
+``x`` becomes ``c * x**g`` with ``c`` (default 1.0) and ``g`` (default 1.0: purely multiplicative) from
+``sens.meta["calibration"]``, fitted by :func:`calibrate` from measured loss changes of a few plans.
 """
 from __future__ import annotations
 
@@ -155,6 +155,20 @@ def calibration_factors(sens: Any) -> dict[str, float]:
     return {t: float(cal.get(t, 1.0)) for t in TARGETS}
 
 
+def calibration_exponents(sens: Any) -> dict[str, float]:
+    """The per-target exponents ``g`` of a ``"power"`` calibration (1.0: purely multiplicative)."""
+    cal = (getattr(sens, "meta", None) or {}).get("calibration") or {}
+    ex = cal.get("exponents") or {}
+    return {t: float(ex.get(t, 1.0)) for t in TARGETS}
+
+
+def _transform(x: float, c: float, g: float) -> float:
+    """Calibrated prediction ``c * x**g`` of an additive (raw) prediction ``x >= 0``."""
+    if x <= 0.0:
+        return 0.0
+    return c * x if g == 1.0 else c * x ** g
+
+
 def pairs_entries(sens: Any) -> dict[str, dict[str, np.ndarray]]:
     """``sens.pairs`` as ``{weight name: entry}``: accepts nested dicts or flat ``"<name>/<key>"`` arrays."""
     raw = getattr(sens, "pairs", None) or {}
@@ -212,6 +226,7 @@ class _Problem:
             raise HeartError(f"unknown granularity {granularity!r}: use one of {', '.join(GRANULARITIES)}")
         self.scorer, self.fuse, self.granularity, self.method = scorer, bool(fuse_dropped), granularity, method
         self.cal = calibration_factors(sens)
+        self.gam = calibration_exponents(sens)
         self.is_cnn = self.family == "cnn"
         if seq_len is None and not self.is_cnn and self.geometry.get("seq_len") is None:
             seq_len = _default_seq_len(sens, scorer)
@@ -239,7 +254,7 @@ class _Problem:
             for l in range(self.L):
                 order = np.argsort(h[l], kind="stable")
                 self.head_order.append(order)
-                self.head_cost.append(h[l][order] * self.cal["heads"])
+                self.head_cost.append(h[l][order])
                 self.max_removed[l] = min(self.spec.heads - min_heads, int(np.isfinite(h[l]).sum()))  # nan: never removed
         self._hcum = [[0.0] + np.cumsum(c).tolist() for c in self.head_cost]
 
@@ -259,7 +274,7 @@ class _Problem:
             if not tl:
                 raise HeartError("no token pruning layers: pass token_layers (e.g. --token-layers 1,2) or drop the tokens target")
             self.token_layers = tl
-            self.curves = [_monotone_curve(curve[l]) * self.cal["tokens"] for l in tl]
+            self.curves = [_monotone_curve(curve[l]) for l in tl]
             self.min_keep = self.P + 1 if min_keep is None else int(min_keep)
             if not self.P < self.min_keep <= self.N:
                 raise HeartError(f"min_keep must be in [{self.P + 1}, {self.N}] (prefix tokens + 1 .. all tokens), got {min_keep}")
@@ -270,6 +285,10 @@ class _Problem:
                 missing = [l for l in tl if int(l) not in {int(k) for k in (getattr(sens, "scorers", None) or {})}]
                 if missing:
                     raise HeartError(f"the linear scorer was not fitted for layers {missing}: run 'heart-onnx analyze' with token scorers, or use --scorer cls_attention")
+            elif self.max_removed:
+                # the class-token-attention scorer reads the layer's kept heads: keep at least one there
+                for l in tl:
+                    self.max_removed[l] = min(self.max_removed[l], self.spec.heads - 1)
 
         # ---- pairs
         self.pair_names: list[str] = []
@@ -350,7 +369,7 @@ class _Problem:
             sp = self.pair_grid[steps]
             counts = np.array([counts_all[j] for j in steps], dtype=np.float64)
             curve = np.concatenate([[0.0], pairing.merge_curve(e, self.granularity, list(sp[1:]), self.method)])
-            curve = np.maximum.accumulate(np.clip(np.nan_to_num(curve, nan=np.inf), 0.0, None)) * self.cal["pairs"]
+            curve = np.maximum.accumulate(np.clip(np.nan_to_num(curve, nan=np.inf), 0.0, None))
             if self.granularity == "channel":
                 cshape = tuple(int(s) for s in np.asarray(e["consumer_shape"]).reshape(-1)) if "consumer_shape" in e else tuple(np.asarray(e["consumer_weight"]).shape)
                 cons = str(np.asarray(e["consumer"]).item()) if "consumer" in e else None
@@ -433,20 +452,30 @@ class _Problem:
             self._n = n
         return n
 
+    def _f(self, target: str, raw: float) -> float:
+        return _transform(raw, self.cal[target], self.gam[target])
+
     def token_loss(self, drops: Sequence[int] | None = None) -> float:
+        """Calibrated token loss (nested stages, module docstring)."""
         d = self.drops if drops is None else drops
         total, prev = 0.0, self.N
         for s, k in enumerate(self.keeps(d)):
             c = self.curves[s]
             total += c[k] - c[prev]
             prev = k
-        return float(total)
+        return self._f("tokens", float(total))
 
-    def heads_loss(self) -> float:
+    def heads_raw(self) -> float:
         return float(sum(self._hcum[l][self.removed[l]] for l in range(self.L)))
 
-    def pairs_loss(self) -> float:
+    def pairs_raw(self) -> float:
         return float(sum(self.pair_loss[i][s] for i, s in enumerate(self.pstep) if s))
+
+    def heads_loss(self) -> float:
+        return self._f("heads", self.heads_raw())
+
+    def pairs_loss(self) -> float:
+        return self._f("pairs", self.pairs_raw())
 
     def loss_by_target(self) -> dict[str, float]:
         out = {}
@@ -523,7 +552,9 @@ class _Problem:
             if r >= self.max_removed[i]:
                 return None
             n = self.tokens_per_layer()[i]
-            return float(self.head_cost[i][r]), 2.0 * self.spec.head_block_macs(n)
+            raw = self.heads_raw()
+            dl = self._f("heads", raw + float(self.head_cost[i][r])) - self._f("heads", raw)
+            return dl, 2.0 * self.spec.head_block_macs(n)
         if kind == "tokens":
             step = self._token_step(i)
             if step <= 0:
@@ -536,7 +567,8 @@ class _Problem:
         s = self.pstep[i]
         if s + 1 >= len(self.pair_sparsity[i]):
             return None
-        dl = self.pair_loss[i][s + 1] - self.pair_loss[i][s]
+        raw = self.pairs_raw()
+        dl = self._f("pairs", raw + float(self.pair_loss[i][s + 1] - self.pair_loss[i][s])) - self._f("pairs", raw)
         du = self.pair_unit[i][s + 1] - self.pair_unit[i][s]
         return float(dl), 2.0 * du * self._rows(i)
 
@@ -710,6 +742,7 @@ class _Problem:
             "planner": "greedy+refine" if refined else "greedy", "targets": list(self.targets),
             "token_layers": list(self.token_layers), "granularity": self.granularity if "pairs" in self.targets else None,
             "predicted_by_target": by_target, "calibration": {t: self.cal[t] for t in self.targets},
+            "calibration_exponents": {t: self.gam[t] for t in self.targets},
             "flops_effective": rep.effective, "flops_sparse_saved": rep.sparse_saved, "flops_overhead": rep.overhead,
             "reduction": rep.reduction, "pareto_index": idx,
         }
@@ -764,13 +797,14 @@ def predict(sens: Any, plan: Plan, *, calibrated: bool = True) -> dict[str, floa
     the nested rule of the module docstring with the curve of ``plan.token_scorer``.
     """
     cal = calibration_factors(sens) if calibrated else {t: 1.0 for t in TARGETS}
+    gam = calibration_exponents(sens) if calibrated else {t: 1.0 for t in TARGETS}
     out = {"heads": 0.0, "tokens": 0.0, "pairs": 0.0}
     if any(len(v) for v in plan.heads.values()):
         h = getattr(sens, "head", None)
         if h is None:
             raise HeartError("the plan removes heads but these sensitivities have no head scores")
         h = np.clip(np.asarray(h, np.float64), 0.0, None)
-        out["heads"] = cal["heads"] * float(sum(h[int(l), int(i)] for l, hs in plan.heads.items() for i in hs))
+        out["heads"] = _transform(float(sum(h[int(l), int(i)] for l, hs in plan.heads.items() for i in hs)), cal["heads"], gam["heads"])
     if plan.tokens:
         curve = _Problem._token_curve(sens, plan.token_scorer)
         if curve is None:
@@ -782,7 +816,7 @@ def predict(sens: Any, plan: Plan, *, calibrated: bool = True) -> dict[str, floa
             k = min(t.keep, prev)
             total += c[k] - c[prev]
             prev = k
-        out["tokens"] = cal["tokens"] * float(total)
+        out["tokens"] = _transform(float(total), cal["tokens"], gam["tokens"])
     if plan.merges:
         from . import pairing
 
@@ -792,22 +826,29 @@ def predict(sens: Any, plan: Plan, *, calibrated: bool = True) -> dict[str, floa
             if m.weight not in entries:
                 raise HeartError(f"the plan merges {m.weight} but these sensitivities have no scores for it")
             total += pairing.predicted_loss(entries[m.weight], m)
-        out["pairs"] = cal["pairs"] * float(total)
+        out["pairs"] = _transform(float(total), cal["pairs"], gam["pairs"])
     out["total"] = out["heads"] + out["tokens"] + out["pairs"]
     return out
 
 
-def calibrate(sens: Any, measured: Iterable[tuple[Any, float]], *, store: bool = True) -> dict[str, Any]:
-    """Fit per-target multiplicative factors so that predictions match measured loss changes.
+def calibrate(sens: Any, measured: Iterable[tuple[Any, float]], *, model: str = "scale", store: bool = True) -> dict[str, Any]:
+    """Fit per-target calibration so that predictions match measured loss changes.
 
     ``measured``: pairs ``(plan_or_prediction, measured_nats)`` where the first item is a
     :class:`~heart_onnx.plan.Plan` (its uncalibrated per-target prediction is computed from ``sens``) or
-    a mapping ``{"heads": x, "tokens": y, "pairs": z}`` of uncalibrated predictions. The factors
-    ``c >= 0`` minimise the *relative* error ``sum_j ((m_j - sum_t c_t x_jt) / m_j)^2`` (exact
-    non-negative least squares over the target subsets). With ``store`` (default True) they are written
-    to ``sens.meta["calibration"]`` (with ``n`` measurements and the worst relative error), which
+    a mapping ``{"heads": x, "tokens": y, "pairs": z}`` of uncalibrated predictions.
+
+    ``model="scale"`` (default): calibrated = ``c_t * x_t`` per target, ``c >= 0`` minimising the *relative*
+    error ``sum_j ((m_j - sum_t c_t x_jt) / m_j)^2`` (exact non-negative least squares over the target
+    subsets); mixed plans are fine. ``model="power"``: calibrated = ``c_t * x_t ** g_t`` (components
+    interact super-additively: removing more heads hurts more than the sum), fitted per target in log-log
+    space from the measurements that prune only that target (at least two distinct ones; other targets
+    keep their previous calibration). With ``store`` (default True) the result is written to
+    ``sens.meta["calibration"]`` (factors, ``exponents``, ``model``, ``n``, worst relative error), which
     :func:`pareto`, :func:`plan` and :func:`predict` then use. Returns that dict.
     """
+    if model not in ("scale", "power"):
+        raise HeartError(f"unknown calibration model {model!r}: use 'scale' or 'power'")
     rows, ys = [], []
     for item, m in measured:
         pred = predict(sens, item, calibrated=False) if isinstance(item, Plan) else dict(item)
@@ -818,29 +859,47 @@ def calibrate(sens: Any, measured: Iterable[tuple[Any, float]], *, store: bool =
     X, y = np.asarray(rows), np.asarray(ys)
     if not np.all(np.isfinite(X)) or not np.all(np.isfinite(y)):
         raise HeartError("calibration data contains nan or inf: measure the plans again")
-    w = 1.0 / np.maximum(np.abs(y), max(1e-6, 1e-3 * float(np.max(np.abs(y)) if len(y) else 0)))
-    Xw, yw = X * w[:, None], y * w
     active = [j for j in range(len(TARGETS)) if np.any(X[:, j] != 0)]
     if not active:
         raise HeartError("the measured plans prune nothing the sensitivities predict: calibrate with non-empty plans")
-    best_c, best_err = np.zeros(len(TARGETS)), np.inf
-    for mask in range(1, 1 << len(active)):
-        cols = [active[j] for j in range(len(active)) if mask >> j & 1]
-        c, *_ = np.linalg.lstsq(Xw[:, cols], yw, rcond=None)
-        if np.any(c < 0):
-            continue
-        full = np.zeros(len(TARGETS))
-        full[cols] = c
-        err = float(np.sum((Xw @ full - yw) ** 2))
-        if err < best_err - 1e-15:
-            best_c, best_err = full, err
-    prev = calibration_factors(sens)
-    factors = {t: (float(best_c[j]) if j in active else prev[t]) for j, t in enumerate(TARGETS)}
-    pred = X @ np.array([factors[t] for t in TARGETS])
+    prev, prev_g = calibration_factors(sens), calibration_exponents(sens)
+    factors, exps = dict(prev), {t: 1.0 for t in TARGETS}
+    if model == "scale":
+        w = 1.0 / np.maximum(np.abs(y), max(1e-6, 1e-3 * float(np.max(np.abs(y)))))
+        Xw, yw = X * w[:, None], y * w
+        best_c, best_err = np.zeros(len(TARGETS)), np.inf
+        for mask in range(1, 1 << len(active)):
+            cols = [active[j] for j in range(len(active)) if mask >> j & 1]
+            c, *_ = np.linalg.lstsq(Xw[:, cols], yw, rcond=None)
+            if np.any(c < 0):
+                continue
+            full = np.zeros(len(TARGETS))
+            full[cols] = c
+            err = float(np.sum((Xw @ full - yw) ** 2))
+            if err < best_err - 1e-15:
+                best_c, best_err = full, err
+        for j in active:
+            factors[TARGETS[j]] = float(best_c[j])
+    else:
+        fitted = []
+        for j in active:
+            only = (X[:, j] > 0) & (y > 0) & np.all(np.delete(X, j, axis=1) == 0, axis=1)
+            lx, ly = np.log(X[only, j]), np.log(y[only])
+            if len(lx) < 2 or np.ptp(lx) <= 0:
+                continue
+            g, logc = np.polyfit(lx, ly, 1)
+            factors[TARGETS[j]], exps[TARGETS[j]] = float(np.exp(logc)), float(g)
+            fitted.append(TARGETS[j])
+        if not fitted:
+            raise HeartError("a power calibration needs, for some target, two or more measured plans that prune only "
+                             "that target (e.g. heads-only plans at two budgets)")
+        for t in TARGETS:
+            if t not in fitted:
+                exps[t] = prev_g[t]
+    pred = np.array([sum(_transform(X[i, j], factors[t], exps[t]) for j, t in enumerate(TARGETS)) for i in range(len(y))])
     rel = np.abs(pred - y) / np.maximum(np.abs(y), 1e-12)
     result: dict[str, Any] = dict(factors)
-    result["n"] = int(len(y))
-    result["max_rel_error"] = float(rel.max())
+    result.update(exponents=exps, model=model, n=int(len(y)), max_rel_error=float(rel.max()))
     if store:
         meta = getattr(sens, "meta", None)
         if meta is None:

@@ -280,3 +280,27 @@ def test_cli_plan(tmp_path, capsys):
         assert err.count("\n") == 1 and "[0, 20]" in err and "Traceback" not in err
     assert main(["plan", str(tmp_path / "missing.npz"), "--budget", "0.1", "-o", str(out)]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_power_calibration_recovers_superadditive_growth():
+    s = synth(seed=6)
+    heads_only, tokens_only = pareto(s, "heads"), pareto(s, "tokens")
+    measured = []
+    for b in (0.003, 0.01, 0.03, 0.1):
+        for c, (k, g) in ((heads_only, ("heads", 1.3)), (tokens_only, ("tokens", 1.0))):
+            p = c.to_plan(b)
+            x = predict(s, p, calibrated=False)[k]
+            measured.append((p, (3.0 if k == "heads" else 0.5) * x ** g))
+    cal = calibrate(s, measured, model="power")
+    assert cal["heads"] == pytest.approx(3.0, rel=1e-6) and cal["exponents"]["heads"] == pytest.approx(1.3, rel=1e-6)
+    assert cal["tokens"] == pytest.approx(0.5, rel=1e-6) and cal["exponents"]["tokens"] == pytest.approx(1.0, abs=1e-6)
+    for p, m in measured:
+        assert predict(s, p)["total"] == pytest.approx(m, rel=1e-6)
+    curve = pareto(s)
+    assert np.all(np.diff(curve.loss) >= -1e-12)
+    for b in (0.01, 0.05, 0.2):
+        p = curve.to_plan(b)
+        assert p.predicted_loss_change <= b + 1e-12
+        assert predict(s, p)["total"] == pytest.approx(p.predicted_loss_change, rel=1e-9)
+    with pytest.raises(HeartError, match="power calibration"):
+        calibrate(synth(), [({"heads": 0.01, "tokens": 0.01}, 0.05)], model="power")
