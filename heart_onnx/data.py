@@ -215,7 +215,8 @@ def input_spec(model: Any = None, *, input_shape: Sequence[int] | None = None, v
     models set it: a conv net has no fixed input size), else ``adapter.example_inputs(1)``.
 
     ``input_shape`` (default None): (C, H, W) for images or (T,) for tokens, without the batch dimension.
-    ``vocab_size``, ``seq_len`` (default None: from the model, else 128) for token models; ``mean``/``std``
+    ``vocab_size`` (default None: ``model.config.vocab_size``) and ``seq_len`` (default None: 128, or the
+    model's ``max_position_embeddings`` if smaller) for token models; ``mean``/``std``
     (default None: see the module docstring) for images.
     """
     adapter = _as_adapter(model) if model is not None else None
@@ -247,6 +248,9 @@ def input_spec(model: Any = None, *, input_shape: Sequence[int] | None = None, v
     if kind == "tokens":
         if seq_len is not None:
             shape = (int(seq_len),)
+        elif input_shape is None:  # language models take any length: 128, or less if positions run out
+            max_pos = getattr(getattr(module, "config", None), "max_position_embeddings", None)
+            shape = (min(DEFAULT_SEQ_LEN, int(max_pos)) if max_pos else DEFAULT_SEQ_LEN,)
         vocab = vocab_size or _vocab_of(module)
         if vocab is None:
             raise HeartError("token data needs the vocabulary size: pass vocab_size=... or a model with config.vocab_size")

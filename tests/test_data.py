@@ -310,9 +310,32 @@ def test_shape_from_adapter_like_model():
             return {"input_ids": torch.zeros(batch, seq_len or 9, dtype=torch.long)}
 
     t, _ = data.concat_batches(data.load_data("random", FakeLM(), n=3))
-    assert t["input_ids"].shape == (3, 9) and int(t["input_ids"].max()) < 33
+    assert t["input_ids"].shape == (3, data.DEFAULT_SEQ_LEN) and int(t["input_ids"].max()) < 33
     spec = data.input_spec(FakeLM(), seq_len=5)
     assert spec == data.InputSpec("tokens", (5,), vocab_size=33)
+    short = FakeLM()
+    short.model.config.max_position_embeddings = 20
+    assert data.input_spec(short).shape == (20,)
+
+
+def test_text_windows_run_through_a_real_lm_adapter(tmp_path):
+    """End to end: text windows from a tiny GPT-NeoX's geometry feed its adapter; logits match a direct call."""
+    pytest.importorskip("transformers")
+    from heart_onnx.models.registry import adapt
+    from heart_onnx.models.zoo import tiny_pythia
+
+    model = tiny_pythia().eval()  # vocab 128, 64 positions
+    adapter = adapt(model)
+    (tmp_path / "t.txt").write_text("pythia reads bytes in this fallback. " * 20)
+    loader = data.load_data(f"text:{tmp_path / 't.txt'}", adapter, n=3, batch_size=2)
+    inputs, labels = next(iter(loader))
+    assert labels is None and inputs["input_ids"].shape == (2, 64)  # capped by max_position_embeddings
+    assert int(inputs["input_ids"].max()) < 128
+    with torch.no_grad():
+        got = adapter.forward(inputs)
+        ref = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+    assert got.shape == (2, 64, 128)
+    torch.testing.assert_close(got, ref)
 
 
 # --------------------------------------------------------------------------------- spec, helpers
