@@ -172,3 +172,14 @@ def test_export_restores_training_mode_and_names(tmp_path):
     assert ex.input_names_for({"input_ids": torch.zeros(1, 2, dtype=torch.long)}) == ["input_ids"]
     assert ex.input_names_for(torch.zeros(1, 2, dtype=torch.long)) == ["input_ids"]
     assert ex.input_names_for(torch.zeros(1, 3, 4, 4)) == ["pixel_values"]
+
+
+def test_gpt_neox_torchscript_without_mask_is_a_clear_error(tmp_path):
+    model = zoo.tiny_pythia()
+    with pytest.raises(HeartError, match="attention_mask"):
+        ex.export(model, {"input_ids": torch.randint(0, 128, (1, SEQ))}, tmp_path / "n.onnx", exporter="torchscript")
+    assert os.listdir(tmp_path) == []
+    # an adapter is accepted in place of the model
+    a = registry.adapt(model)
+    p = ex.export(a, a.example_inputs(1, SEQ), tmp_path / "a.onnx", exporter="torchscript")
+    _check(ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]), a, a.example_inputs(2, SEQ))

@@ -155,7 +155,7 @@ def export(
     dynamic_batch: bool = True,
     external_data: bool | None = None,
 ) -> Path:
-    """Export ``model`` to ``path`` and return the path.
+    """Export ``model`` (an ``nn.Module`` or a ``ModelAdapter``) to ``path`` and return the path.
 
     - ``example_inputs``: a tensor, a tuple of tensors, or a dict (HF models: ``input_ids``,
       ``attention_mask``, ...); the adapters' ``example_inputs(batch, seq_len)`` give the right ones.
@@ -166,6 +166,10 @@ def export(
     - ``external_data``: default None = automatic (weights over 2 GB); True/False forces it.
     The model is exported in eval mode (its training flag is restored afterwards).
     """
+    from .base import ModelAdapter
+
+    if isinstance(model, ModelAdapter):
+        model = model.model
     if exporter not in EXPORTERS:
         raise HeartError(f"unknown exporter {exporter!r}: use one of {', '.join(EXPORTERS)}")
     if not isinstance(model, nn.Module):
@@ -269,8 +273,12 @@ def _export_torchscript(wrapped, args, names, out_name, built: Path, opset, dyna
                 output_names=[out_name], dynamic_axes=axes if dynamic_batch else None, do_constant_folding=True,
             )
         except Exception as exc:
-            raise HeartError(f"torchscript export failed ({_first_line(exc)}): "
-                             "try exporter='dynamo'") from exc
+            why = _first_line(exc)
+            if "aten::diff" in why and "attention_mask" not in names:
+                raise HeartError("the TorchScript exporter needs an explicit attention_mask for this model (HF builds "
+                                 "its causal mask with aten::diff otherwise): pass {'input_ids': ..., 'attention_mask': "
+                                 "...} (adapter.example_inputs gives both) or use exporter='dynamo'") from exc
+            raise HeartError(f"torchscript export failed ({why}): try exporter='dynamo'") from exc
     from .. import __version__
 
     proto = onnx.load(str(raw), load_external_data=True)
@@ -302,16 +310,16 @@ def _first_line(exc: BaseException) -> str:
 
 @contextlib.contextmanager
 def _quiet():
-    """Silence the exporters' progress prints ("[torch.onnx] Obtain model graph ...")."""
+    """Silence the exporters' Python-level prints ("[torch.onnx] Obtain model graph ...", graph dumps on failure)."""
     import io
     import sys
 
-    old = sys.stdout
-    sys.stdout = io.StringIO()
+    old_out, old_err = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
     try:
         yield
     finally:
-        sys.stdout = old
+        sys.stdout, sys.stderr = old_out, old_err
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
