@@ -842,8 +842,8 @@ def calibrate(sens: Any, measured: Iterable[tuple[Any, float]], *, model: str = 
     error ``sum_j ((m_j - sum_t c_t x_jt) / m_j)^2`` (exact non-negative least squares over the target
     subsets); mixed plans are fine. ``model="power"``: calibrated = ``c_t * x_t ** g_t`` (components
     interact super-additively: removing more heads hurts more than the sum), fitted per target in log-log
-    space from the measurements that prune only that target (at least two distinct ones; other targets
-    keep their previous calibration). With ``store`` (default True) the result is written to
+    space from the measurements that prune only that target (with a single distinct prediction: ``g = 1``
+    and the geometric-mean ratio; targets without such measurements keep their previous calibration). With ``store`` (default True) the result is written to
     ``sens.meta["calibration"]`` (factors, ``exponents``, ``model``, ``n``, worst relative error), which
     :func:`pareto`, :func:`plan` and :func:`predict` then use. Returns that dict.
     """
@@ -885,14 +885,17 @@ def calibrate(sens: Any, measured: Iterable[tuple[Any, float]], *, model: str = 
         for j in active:
             only = (X[:, j] > 0) & (y > 0) & np.all(np.delete(X, j, axis=1) == 0, axis=1)
             lx, ly = np.log(X[only, j]), np.log(y[only])
-            if len(lx) < 2 or np.ptp(lx) <= 0:
+            if len(lx) == 0:
                 continue
-            g, logc = np.polyfit(lx, ly, 1)
+            if np.ptp(lx) <= 1e-9:  # one distinct prediction: a pure factor (geometric mean of the ratios)
+                g, logc = 1.0, float(np.mean(ly - lx))
+            else:
+                g, logc = np.polyfit(lx, ly, 1)
             factors[TARGETS[j]], exps[TARGETS[j]] = float(np.exp(logc)), float(g)
             fitted.append(TARGETS[j])
         if not fitted:
-            raise HeartError("a power calibration needs, for some target, two or more measured plans that prune only "
-                             "that target (e.g. heads-only plans at two budgets)")
+            raise HeartError("a power calibration needs measured plans that prune only one target "
+                             "(e.g. heads-only plans at two budgets)")
         for t in TARGETS:
             if t not in fitted:
                 exps[t] = prev_g[t]

@@ -302,5 +302,5 @@ def test_power_calibration_recovers_superadditive_growth():
         p = curve.to_plan(b)
         assert p.predicted_loss_change <= b + 1e-12
         assert predict(s, p)["total"] == pytest.approx(p.predicted_loss_change, rel=1e-9)
-    with pytest.raises(HeartError, match="power calibration"):
+    with pytest.raises(HeartError, match="only one target"):
         calibrate(synth(), [({"heads": 0.01, "tokens": 0.01}, 0.05)], model="power")
