@@ -67,7 +67,7 @@ class _Unit:
 
 
 class CNNAdapter(ModelAdapter):
-    """Conv nets. ``input_size`` (default: the model's ``heart_input_size`` attribute, timm's
+    """Conv nets. ``input_size`` (default: the model's ``heart_onnx_input_shape`` attribute (C, H, W), timm's
     ``pretrained_cfg["input_size"]``, else ``(C, 224, 224)``) sets ``example_inputs``."""
 
     family = "cnn"
@@ -80,7 +80,7 @@ class CNNAdapter(ModelAdapter):
         self._input_size = tuple(input_size) if input_size else self._default_input_size()
 
     def _default_input_size(self) -> tuple[int, int, int]:
-        size = getattr(self.model, "heart_input_size", None)
+        size = getattr(self.model, "heart_onnx_input_shape", None)
         if size is None:
             cfg = getattr(self.model, "pretrained_cfg", None) or getattr(self.model, "default_cfg", None) or {}
             size = cfg.get("input_size") if isinstance(cfg, dict) else None

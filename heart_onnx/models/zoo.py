@@ -259,7 +259,7 @@ def _randomize_bn(model: nn.Module, seed: int | None = None) -> nn.Module:
 
 
 def _sized(model: nn.Module, size: tuple[int, int, int]) -> nn.Module:
-    model.heart_input_size = size  # read by CNNAdapter.example_inputs
+    model.heart_onnx_input_shape = size  # (C, H, W): read by CNNAdapter and heart_onnx.data
     return model.eval()
 
 
