@@ -110,3 +110,52 @@ def test_sigkill_mid_sweep_then_resume(tmp_path):
     assert len(ids) == len(set(ids)) == total  # nothing redone, nothing missing
     first = {x["cell_id"]: x["finished_at"] for x in before}
     assert all(x["finished_at"] == first[x["cell_id"]] for x in after if x["cell_id"] in first)
+
+
+def _checkpoint(tmp_path):
+    """A tiny GPT-NeoX saved as a local checkpoint folder with a word-level tokenizer (no hub access)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from heart_onnx.llm.models import ModelSpec
+
+    words = ["[UNK]"] + [f"w{i}" for i in range(63)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    folder = tmp_path / "ckpt"
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(folder)
+    torch.manual_seed(5)
+    ModelSpec.parse("tiny:layers=2+hidden=32+heads=4+vocab=64+max_pos=64").build(seed=5).save_pretrained(folder)
+    rng = __import__("numpy").random.default_rng(0)
+    text = " ".join(f"w{i}" for i in rng.integers(0, 63, 40))
+    (tmp_path / "text.txt").write_text(text)
+    return folder, tmp_path / "text.txt"
+
+
+def test_perplexity_real_weights_against_cross_entropy(tmp_path):
+    import torch
+
+    from heart_onnx.llm.models import ModelSpec
+    from heart_onnx.llm.perplexity import perplexity_file
+
+    folder, text = _checkpoint(tmp_path)
+    spec = ModelSpec.parse(str(folder))
+    assert spec.real_weights
+    model, tok = spec.build(), spec.tokenizer()
+    got = perplexity_file(model, tok, str(text), max_len=64, stride=32)
+    ids = tok(text.read_text(), return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    ce = torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:])
+    assert got["tokens"] == ids.shape[1] - 1 == 39
+    assert got["perplexity"] == pytest.approx(float(torch.exp(ce)), rel=1e-5)
+    strided = perplexity_file(model, tok, str(text), max_len=16, stride=8)  # shorter context: every token once
+    assert strided["tokens"] == 39 and strided["perplexity"] > 1
+    # the sweep records it for cells of real-weight models
+    cfg = SweepConfig(models=(str(folder),), backends=("torch-cpu",), batches=(1,), prompts=(4,), new_tokens=(2,),
+                      repeats=1, warmup=0, power="none", text_file=str(text))
+    s = run_sweep(cfg, tmp_path / "sw", progress=False)
+    (rec,) = s.records
+    assert rec["status"] == "ok" and rec["real_weights"] is True
+    assert rec["perplexity"] == pytest.approx(perplexity_file(model, tok, str(text))["perplexity"], rel=1e-6)
