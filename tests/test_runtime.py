@@ -233,3 +233,11 @@ def test_cli_bench_json_compare_and_errors(mlp, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "not found" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["bench", str(path), "--backend", "ort-cuda", "--power", "none"]) in (0, 1)
+
+
+def test_engine_shapes_resolved_for_tensorrt(mlp):
+    from heart_onnx.runtime.api import _engine_shapes
+
+    path = mlp[0]
+    assert _engine_shapes(path, "trt", 4, None, None) == {"x": (4, 64)}
+    assert _engine_shapes(path, "ort-cpu", 4, None, None) is None

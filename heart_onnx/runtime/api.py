@@ -87,8 +87,9 @@ def benchmark(path: str | os.PathLike, backend: str = "ort-cpu", batch: int = 1,
         raise HeartError(f"model file not found: {path}")
     env = environment(backend)
     if backend == "trtexec":
-        return _bench_trtexec(path, precision, shapes, warmup, repeats, env, cache_dir)
+        return _bench_trtexec(path, precision, _engine_shapes(path, backend, batch, shapes, dims), warmup, repeats, env, cache_dir)
     sampler = auto_sampler(power)
+    shapes = _engine_shapes(path, backend, batch, shapes, dims)
     with make_runner(path, backend, precision=precision, threads=threads, cache_dir=cache_dir, shapes=shapes) as runner:
         feed = random_feed(runner.input_specs(), batch=batch, shapes=shapes, dims=dims, seed=seed)
         with sampler:
@@ -101,6 +102,16 @@ def benchmark(path: str | os.PathLike, backend: str = "ort-cpu", batch: int = 1,
         shapes={k: list(v.shape) for k, v in feed.items()}, timing=t.summary(), energy=energy, power=pinfo,
         environment=env, protocol=_protocol(warmup, repeats),
     )
+
+
+def _engine_shapes(path, backend: str, batch: int, shapes: dict | None, dims: dict | None) -> dict | None:
+    """TensorRT engines are built for fixed shapes here: resolve every input's shape from the ONNX file."""
+    if backend not in ("trt", "trtexec"):
+        return shapes
+    from .inputs import resolve_shape
+    from .ort import OrtRunner
+
+    return {s.name: resolve_shape(s, batch, shapes, dims) for s in OrtRunner(path).input_specs()}
 
 
 def _bench_trtexec(path: Path, precision: str, shapes, warmup: int, repeats: int, env: dict, cache_dir) -> BenchResult:
@@ -131,8 +142,10 @@ def benchmark_pair(path_a: str | os.PathLike, path_b: str | os.PathLike, backend
             raise HeartError(f"model file not found: {p}")
     env = environment(backend)
     sampler = auto_sampler(power)
-    ra = make_runner(path_a, backend, precision=precision, threads=threads, cache_dir=cache_dir, shapes=shapes)
-    rb = make_runner(path_b, backend, precision=precision, threads=threads, cache_dir=cache_dir, shapes=shapes)
+    ra = make_runner(path_a, backend, precision=precision, threads=threads, cache_dir=cache_dir,
+                     shapes=_engine_shapes(path_a, backend, batch, shapes, dims))
+    rb = make_runner(path_b, backend, precision=precision, threads=threads, cache_dir=cache_dir,
+                     shapes=_engine_shapes(path_b, backend, batch, shapes, dims))
     with ra, rb:
         fa = random_feed(ra.input_specs(), batch=batch, shapes=shapes, dims=dims, seed=seed)
         fb = random_feed(rb.input_specs(), batch=batch, shapes=shapes, dims=dims, seed=seed)
