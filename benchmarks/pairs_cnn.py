@@ -10,9 +10,12 @@ Protocol
   per batch, ``--power-iters`` power iterations per layer, input Gram matrices.
 - Weights merged: every Conv/Linear the adapter lists that supports the granularity (2:4 needs input
   channels % 4 == 0, so the 1-channel stem is left dense there), each at the same sparsity.
-  Channel mode: the conv1 -> conv2 pairs inside the residual blocks.
+  Channel mode: the conv1 -> conv2 pairs inside the residual blocks. Every setting is run twice:
+  ``layers="all"`` and ``"all-but-stem"`` (the 1-channel stem conv, 144 weights, left dense, as
+  pruning papers usually keep the first layer).
 - Methods (one interface, ``heart_onnx.pairing.make_merge``): ``camp`` (significance 1/2 h w^2,
-  cyclic partners, K-FAC least-squares coefficient), ``camp-best`` (most correlated partner),
+  the most correlated kept partner, K-FAC least-squares coefficient; the default), ``camp-cyclic``
+  (the same with the paper's cyclic partners),
   ``half`` (the paper's rule: cyclic partner gets w_p / 2), ``hessian`` (OBD zeroing), ``magnitude``.
 - Reported per (granularity, sparsity, method): test accuracy, mean KL to the dense model on the test
   split, the predicted loss change (sum over layers of ``predicted_loss``) and the fraction of
@@ -23,6 +26,7 @@ Usage: ``OMP_NUM_THREADS=1 python benchmarks/pairs_cnn.py [-o artifacts/pairs_cn
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import sys
@@ -38,7 +42,8 @@ from heart_onnx.models.demo import DEMO_SPLIT, demo_cnn, digits_calibration, dig
 from heart_onnx.models.merge_weights import merged
 from heart_onnx.sensitivity.pairs import weight_sensitivities
 
-METHODS = (("camp", "cyclic"), ("camp", "best"), ("half", "cyclic"), ("hessian", "cyclic"), ("magnitude", "cyclic"))
+METHODS = (("camp", "best"), ("camp", "cyclic"), ("half", "cyclic"), ("hessian", "cyclic"), ("magnitude", "cyclic"))
+SCOPES = (("all", ()), ("all-but-stem", ("conv1.weight",)))  # the stem conv: 1 input channel, 9 weights per filter
 SETTINGS = (("unstructured", 0.5), ("unstructured", 0.7), ("2:4", 0.5), ("channel", 0.25), ("channel", 0.5))
 
 
@@ -58,10 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--power-iters", type=int, default=20, help="power iterations per layer (default %(default)s)")
     ap.add_argument("--batch", type=int, default=64, help="calibration batch size (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", default=None, help="demo CNN state dict (default: the shipped weights)")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
 
-    model = demo_cnn().eval()
+    model = (demo_cnn(weights=args.weights) if args.weights else demo_cnn()).eval()
     _, _, x_te, y_te = digits_split()
     xc, _ = digits_calibration()
     calib = [xc[i:i + args.batch] for i in range(0, len(xc), args.batch)]
@@ -75,33 +81,32 @@ def main(argv: list[str] | None = None) -> int:
     total_params = sum(int(np.prod(e["shape"])) for e in sens.values())
 
     rows = []
-    for gran, sp in SETTINGS:
-        for method, pairing_kind in METHODS:
-            t1 = time.perf_counter()
-            merges, pred, removed = [], 0.0, 0
-            for name, e in sens.items():
-                if not pairing.supports(e, gran):
-                    continue
-                m = pairing.make_merge(e, gran, sp, method, pairing_kind)
-                merges.append(m)
-                pred += pairing.predicted_loss(e, m)
-                if gran == "channel":
-                    k = len(m.pruned)
-                    removed += k * (int(np.prod(m.shape[1:])) + int(m.consumer_shape[0]) * int(np.prod(m.consumer_shape[2:])))
-                else:
-                    removed += len(m.pruned)
-            acc, kl = evaluate(merged(model, merges), x_te, y_te, dense_logits)
-            rows.append({
-                "granularity": gran, "sparsity": sp, "method": method if pairing_kind == "cyclic" else f"{method}-{pairing_kind}",
-                "accuracy": acc, "kl_test": kl, "predicted_loss": pred, "layers": len(merges),
-                "params_removed_fraction": removed / total_params, "seconds": time.perf_counter() - t1,
-            })
-            r = rows[-1]
-            print(f"{gran:12s} {sp:4.2f} {r['method']:10s} acc {acc:.4f}  kl {kl:.4f}  pred {pred:.4f}  "
-                  f"removed {r['params_removed_fraction']:.3f}", flush=True)
+    for (scope, skip), (gran, sp), (method, pairing_kind) in itertools.product(SCOPES, SETTINGS, METHODS):
+        t1 = time.perf_counter()
+        merges, pred, removed = [], 0.0, 0
+        for name, e in sens.items():
+            if not pairing.supports(e, gran) or name in skip:
+                continue
+            m = pairing.make_merge(e, gran, sp, method, pairing_kind)
+            merges.append(m)
+            pred += pairing.predicted_loss(e, m)
+            if gran == "channel":
+                k = len(m.pruned)
+                removed += k * (int(np.prod(m.shape[1:])) + int(m.consumer_shape[0]) * int(np.prod(m.consumer_shape[2:])))
+            else:
+                removed += len(m.pruned)
+        acc, kl = evaluate(merged(model, merges), x_te, y_te, dense_logits)
+        rows.append({
+            "layers": scope, "granularity": gran, "sparsity": sp, "method": method if (pairing_kind == "best") == (method == "camp") else f"{method}-{pairing_kind}",
+            "accuracy": acc, "kl_test": kl, "predicted_loss": pred, "n_weights": len(merges),
+            "params_removed_fraction": removed / total_params, "seconds": time.perf_counter() - t1,
+        })
+        r = rows[-1]
+        print(f"{scope:13s} {gran:12s} {sp:4.2f} {r['method']:10s} acc {acc:.4f}  kl {kl:.4f}  pred {pred:.4f}  "
+              f"removed {r['params_removed_fraction']:.3f}", flush=True)
 
     out = {
-        "benchmark": "pairs_cnn", "model": "demo_cnn (shipped weights)", "data": DEMO_SPLIT,
+        "benchmark": "pairs_cnn", "model": f"demo_cnn ({args.weights or 'shipped weights'})", "data": DEMO_SPLIT,
         "n_test": int(len(y_te)), "n_calib": int(len(xc)), "dense_accuracy": dense_acc,
         "sensitivity": {"loss": "kl", "probes_per_batch": args.probes, "batches": len(calib),
                         "power_iters": args.power_iters, "seconds": t_sens},

@@ -22,7 +22,11 @@ Pairs (cyclic, least significant into significant): inside each group (a row ``W
 channels for ``channel``) the pruned weights sorted by ascending significance are assigned to the
 kept weights sorted by descending significance, cyclically: pruned ``k`` -> kept ``k mod n_kept``.
 Partners share the output row, so a merge never mixes outputs (and commutes with any per-output
-scaling, e.g. a BatchNorm folded into a Conv by the exporter).
+scaling, e.g. a BatchNorm folded into a Conv by the exporter). ``camp`` by default picks, for each
+pruned weight, the kept weight of its group whose input correlates most with its own (largest
+``rho_pq^2``, which by the formula below minimises the remaining loss ``1 - rho^2``); ``pairing="cyclic"``
+keeps the paper's order. On the demo CNN the correlated partner wins at every sparsity and granularity
+(``benchmarks/pairs_cnn.py``), so it is the default.
 
 Merge coefficient (``method="camp"``), derived. Moving ``w_p``'s contribution to its partner ``q``
 changes the weights by ``d_p = -w_p``, ``d_q = c w_p``; the second-order loss change is
@@ -40,7 +44,7 @@ consumer in channel mode) and ``G_o = sum_r h[o, r] / tr(Sigma)`` (the K-FAC out
 the Hessian diagonal), ``dL = 1/2 sum_o G_o D_o Sigma D_o^T``; without a Gram matrix the diagonal
 ``dL = 1/2 sum h D^2``.
 
-Methods, all through :func:`make_merge`: ``camp`` (significance, cyclic partners, ``c*``),
+Methods, all through :func:`make_merge`: ``camp`` (significance, correlated or cyclic partners, ``c*``),
 ``half`` (the paper's rule: significance, cyclic partners, ``c = 1/2``), ``hessian`` (OBD: zero by
 significance, no merge) and ``magnitude`` (zero the smallest ``|w|``; channels by producer L1 norm).
 Pruning methods are merges with ``coef = 0`` (partner still a kept weight of the same row).
@@ -186,21 +190,68 @@ def _cyclic(idx_g: np.ndarray, mask_g: np.ndarray, score_g: np.ndarray) -> tuple
     return idx_s[gi, j], idx_s[gi, pos]
 
 
-def _best(idx_g: np.ndarray, mask_g: np.ndarray, red: np.ndarray, corr2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(pruned, partner): each pruned weight goes to the kept weight of its group with the largest rho^2."""
+_TOPK = 32  # candidate partners kept per reduction index for the "best" pairing (then a full search)
+
+
+def _best(idx_g: np.ndarray, mask_g: np.ndarray, red: np.ndarray, corr2: np.ndarray,
+          order: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(pruned, partner): each pruned weight goes to the kept weight of its group with the largest rho^2.
+
+    ``order``: optional (L, K) candidate lists (most correlated first, from :func:`_candidates`).
+    """
+    g, l = idx_g.shape
     red_g = red[idx_g]  # (G, L) reduction index of each member
-    pr, pa = [], []
-    for gi in range(idx_g.shape[0]):
-        m = mask_g[gi]
-        if not m.any():
-            continue
-        p_r, k_r = red_g[gi][m], red_g[gi][~m]
-        choice = np.argmax(corr2[np.ix_(p_r, k_r)], axis=1)
-        pr.append(idx_g[gi][m])
-        pa.append(idx_g[gi][~m][choice])
-    if not pr:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(pr), np.concatenate(pa)
+    gi, j = np.nonzero(mask_g)
+    if l <= 8:  # small groups (2:4): compare all members
+        c = corr2[red_g[:, :, None], red_g[:, None, :]]  # (G, L, L)
+        c = np.where(mask_g[:, None, :], -np.inf, c)  # partners must be kept
+        best = c.argmax(axis=2)
+        return idx_g[gi, j], idx_g[gi, best[gi, j]]
+    if not np.array_equal(red_g[0], np.arange(l)) or not np.all(red_g == red_g[0]):
+        raise ValueError("row groups must list the reduction axis in order")
+    order = _candidates(corr2) if order is None else order
+    pos = np.full(len(gi), -1, np.int64)
+    todo = np.arange(len(gi))
+    for k in range(order.shape[1]):  # walk the candidate lists until a kept weight of the row turns up
+        cand = order[j[todo], k]
+        ok = ~mask_g[gi[todo], cand] & (cand != j[todo])
+        pos[todo[ok]] = cand[ok]
+        todo = todo[~ok]
+        if len(todo) == 0:
+            break
+    for start in range(0, len(todo), 1024):  # rare: no kept weight among the candidates, search the row
+        t = todo[start:start + 1024]
+        c = np.where(mask_g[gi[t]], -np.inf, corr2[j[t]])  # (n, L)
+        pos[t] = c.argmax(axis=1)
+    return idx_g[gi, j], idx_g[gi, pos]
+
+
+def _candidates(corr2: np.ndarray) -> np.ndarray:
+    """(L, K+1) most correlated indices per row of ``corr2`` (descending; K = ``_TOPK``)."""
+    l = corr2.shape[0]
+    k = min(l, _TOPK + 1)
+    part = np.argpartition(-corr2, k - 1, axis=1)[:, :k] if k < l else np.tile(np.arange(l), (l, 1))
+    vals = np.take_along_axis(corr2, part, axis=1)
+    return np.take_along_axis(part, np.argsort(-vals, axis=1, kind="stable"), axis=1)
+
+
+_PREP: list[tuple[tuple, dict]] = []  # tiny LRU: per-weight work that does not depend on the sparsity
+
+
+def _prepared(entry: Entry, prefix: str, key: str) -> dict:
+    """Cached ``corr2`` and candidate lists of the Gram matrix ``entry[prefix + "gram"]``."""
+    gram = entry.get(f"{prefix}gram")
+    ident = (id(gram), key)
+    for k, v in _PREP:
+        if k == ident and v["gram"] is gram:
+            return v
+    v = {"gram": gram}
+    if gram is not None:
+        v["corr2"] = _corr2(np.asarray(gram, np.float64))
+        v["order"] = _candidates(v["corr2"]) if v["corr2"].shape[0] > 8 else None
+    _PREP.insert(0, (ident, v))
+    del _PREP[2:]
+    return v
 
 
 def _corr2(gram: np.ndarray) -> np.ndarray:
@@ -220,14 +271,15 @@ def _gram_coef(gram: np.ndarray | None, rp: np.ndarray, rq: np.ndarray) -> np.nd
 
 # ---------------------------------------------------------------------------------------------- merges
 def make_merge(entry: Entry, granularity: Granularity, sparsity: float, method: str = "camp",
-               pairing: str = "cyclic", name: str | None = None) -> WeightMerge:
+               pairing: str = "best", name: str | None = None) -> WeightMerge:
     """A :class:`~heart_onnx.plan.WeightMerge` for one weight.
 
     ``sparsity``: fraction of weights (unstructured; at most ``(R-1)/R``, one weight per row stays) or of
     output channels (channel; at least one stays) merged away; ``2:4`` always prunes two of every four
     along the input axis (``sparsity`` must be 0.5, or 0 for no merge). ``method``: ``"camp"`` (default),
-    ``"half"``, ``"hessian"``, ``"magnitude"``. ``pairing``: ``"cyclic"`` (default, the paper's) or
-    ``"best"`` (the kept weight of the group whose input correlates most, needs a Gram matrix).
+    ``"half"``, ``"hessian"``, ``"magnitude"``. ``pairing``: ``"best"`` (default: the kept weight of the
+    group whose input correlates most, ``camp`` only and only with a Gram matrix, else cyclic) or
+    ``"cyclic"`` (the paper's order); ``half`` always pairs cyclically, as the paper does.
     ``name`` defaults to ``entry["name"]``.
     """
     if method not in METHODS:
@@ -254,12 +306,13 @@ def make_merge(entry: Entry, granularity: Granularity, sparsity: float, method: 
     sig = significance(entry).reshape(-1)
     score = np.abs(w) if method == "magnitude" else sig
     idx_g = _groups(shape, granularity)
-    empty = sparsity == 0.0
-    mask_g = np.zeros(idx_g.shape, bool) if empty else _select(score[idx_g], granularity, sparsity)
     gram = entry.get("gram")
     red = np.arange(w.size, dtype=np.int64) % (w.size // shape[0])  # reduction index of each flat index
-    if pairing == "best" and gram is not None and method in ("camp", "half"):
-        pruned, partner = _best(idx_g, mask_g, red, _corr2(np.asarray(gram, np.float64)))
+    empty = sparsity == 0.0
+    mask_g = np.zeros(idx_g.shape, bool) if empty else _select(score[idx_g], granularity, sparsity)
+    if pairing == "best" and gram is not None and method == "camp":
+        prep = _prepared(entry, "", granularity)
+        pruned, partner = _best(idx_g, mask_g, red, prep["corr2"], prep["order"] if granularity != "2:4" else None)
     else:
         pruned, partner = _cyclic(idx_g, mask_g, score[idx_g])
     coef = _coef(method, gram, red[pruned], red[partner])
@@ -288,8 +341,9 @@ def _make_channel(entry: Entry, sparsity: float, method: str, pairing: str, name
         mask[0, np.argsort(score, kind="stable")[:n]] = True
     idx = np.arange(c, dtype=np.int64)[None, :]
     gram = entry.get("consumer_gram")
-    if pairing == "best" and gram is not None and method in ("camp", "half"):
-        pruned, partner = _best(idx, mask, idx[0], _corr2(np.asarray(gram, np.float64)))
+    if pairing == "best" and gram is not None and method == "camp":
+        prep = _prepared(entry, "consumer_", "channel")
+        pruned, partner = _best(idx, mask, idx[0], prep["corr2"], prep["order"])
     else:
         pruned, partner = _cyclic(idx, mask, score[None, :])
     coef = _coef(method, gram, pruned, partner)
@@ -351,12 +405,12 @@ def predicted_loss(entry: Entry, merge: WeightMerge) -> float:
     rows = np.nonzero(np.any(d != 0, axis=1))[0]
     d, h = d[rows], h[rows]
     g_o = h.sum(axis=1) / max(float(np.trace(gram)), 1e-30)  # K-FAC output factor per row
-    quad = np.einsum("or,or->o", d @ gram, d)
+    quad = np.einsum("or,or->o", (d.astype(np.float32) @ gram.astype(np.float32)).astype(np.float64), d)
     return float(0.5 * np.sum(g_o * np.clip(quad, 0.0, None)))
 
 
 def merge_curve(entry: Entry, granularity: Granularity, sparsities: Sequence[float] | Iterable[float],
-                method: str = "camp", pairing: str = "cyclic") -> np.ndarray:
+                method: str = "camp", pairing: str = "best") -> np.ndarray:
     """Predicted loss change (float64 array) of :func:`make_merge` at each sparsity (2:4: 0 or 0.5 only)."""
     return np.array([predicted_loss(entry, make_merge(entry, granularity, s, method, pairing))
                      for s in sparsities], dtype=np.float64)
