@@ -154,6 +154,37 @@ def test_predicted_head_ranking_tracks_measured_removal():
     assert spearman(sens.head.ravel(), meas.ravel()) > 0.9
 
 
+def test_ggn_estimator_equals_exact_hvp_and_group_quadratic():
+    from heart_onnx.sensitivity.hvp import HVP
+    from heart_onnx.sensitivity.tokens import TokenGates, group_curve_sums
+    from heart_onnx.sensitivity.probes import ggn_scores
+
+    a = _vit(dtype=torch.float64, seed=3)
+    x = torch.randn(3, 1, 8, 8, dtype=torch.float64)
+    ex = analyze(a, [x], exact=True, holdout=0)
+    gg = analyze(a, [x], holdout=0)
+    assert gg.meta["estimator"] == "ggn" and ex.meta["estimator"] == "hvp"
+    np.testing.assert_allclose(gg.head_per_input, ex.head_per_input, rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(gg.token_per_input, ex.token_per_input, rtol=1e-9, atol=1e-15)
+    # group quadratic 1/2 d^T H d for d = -1 on a drop set, from the HVP, equals the GGN cumulative form
+    params = []
+    with TokenGates(a, None, params) as tg:
+        out = a.forward(x)
+    ggn_scores(out, params, [tg], 1, torch.Generator(), keep_dots=[tg])
+    sc = np.random.default_rng(0).random((3, 2, 17))
+    curve = group_curve_sums(tg.ggn_dots, tg.ggn_weights, sc, 1)
+    params2 = []
+    with TokenGates(a, None, params2):
+        op = HVP(lambda: kl_loss(a.forward(x)).sum(), params2)
+    order = np.argsort(sc[:, 0, 1:], axis=1) + 1
+    for K in (16, 12, 5):
+        v = [torch.zeros_like(p) for p in params2]
+        for b in range(3):
+            v[0][b, order[b, :17 - K]] = 1.0
+        hv = op(v)
+        assert curve[0, K] == pytest.approx(0.5 * float((v[0] * hv[0]).sum()), rel=1e-8)
+
+
 def test_keep_curve_brute_force():
     rng = np.random.default_rng(0)
     B, L, N, P = 3, 2, 6, 1
@@ -207,7 +238,7 @@ def test_scorer_fit_and_quality_metrics():
 def test_analyze_fits_linear_scorer_and_reports_quality():
     a = _vit(dtype=torch.float32, seed=4)
     batches = [torch.randn(4, 1, 8, 8) for _ in range(4)]
-    sens = analyze(a, batches, probes=2, holdout=0.25)
+    sens = analyze(a, batches, probes=2, holdout=0.25, estimator="hvp")
     assert sorted(sens.scorers) == [0, 1] and sens.scorers[0][0].shape == (32,)
     q = sens.scorer_quality
     assert q["linear"]["n_inputs"] == 4 and q["cls_attention"]["n_inputs"] == 4

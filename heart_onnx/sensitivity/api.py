@@ -28,9 +28,10 @@ from ..sensitivities import Sensitivities
 from . import distributed as D
 from .heads import HeadPerturbation
 from .hvp import HVP
+from .probes import ggn_scores
 from .loss import LOSSES, capture_lm_head, lm_kl_chunked, output_head, per_input_loss
 from .scorers import QualityAccumulator, RidgeStats, cls_attention_scores, linear_scores, log_target
-from .tokens import TokenGates, TokenPerturbation, gates_supported, keep_curve_sums
+from .tokens import TokenGates, TokenPerturbation, gates_supported, group_curve_sums, keep_curve_sums
 
 DEFAULT_PROBES = 8
 TARGETS = ("heads", "tokens", "pairs")
@@ -149,7 +150,7 @@ def _probs_ctx(adapter, layers: Sequence[int]):
 def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads", "tokens"), method: str = "hessian",
             probes: int = DEFAULT_PROBES, loss: str = "kl", seed: int = 0, exact: bool = False, holdout: float = 0.25,
             token_scorer: str = "cls_attention", ridge: float = 1e-3, token_mode: str = "auto",
-            max_batches: int | None = None, progress: Any = None) -> Sensitivities:
+            estimator: str = "auto", max_batches: int | None = None, progress: Any = None) -> Sensitivities:
     """Sensitivities of heads and/or tokens of a model over calibration batches.
 
     ``calib``: an iterable of batches (tensor, ``(inputs, labels)`` or a dict of model kwargs), e.g. a
@@ -162,7 +163,9 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
     the linear token scorer; ``token_scorer="cls_attention"`` names the curve in ``token_keep_curve``
     (``"linear"``, ``"cls_attention"`` or ``"oracle"``); ``ridge=1e-3``; ``token_mode="auto"``: ``"gate"``
     (exact drop model, see ``tokens.py``) where the attention probabilities can be gated, else
-    ``"hidden"`` (HEART-ViT hidden-state erasure); ``max_batches=None``;
+    ``"hidden"`` (HEART-ViT hidden-state erasure); ``estimator="auto"``: ``"ggn"`` for the KL loss (output-space
+    gradients, ``probes.ggn_scores``: exact for classifiers with <= 64 classes, else ``probes`` sampled labels;
+    never negative) and ``"hvp"`` (random-sign HVP probes) for other losses; ``max_batches=None``;
     ``progress`` a callable ``(done, total)``. Runs distributed when a torch.distributed process group is
     initialised (see ``distributed.py``).
     """
@@ -195,6 +198,12 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
         if token_mode == "gate" and not gates_supported(adapter):
             raise HeartError(f"{adapter.family} attention probabilities cannot be gated: use token_mode='hidden'")
     TokenCtx = TokenGates if token_mode == "gate" else TokenPerturbation
+    if estimator == "auto":
+        estimator = "ggn" if loss == "kl" and not exact else "hvp"
+    if estimator not in ("ggn", "hvp"):
+        raise HeartError(f"unknown estimator {estimator!r}: choose auto, ggn or hvp")
+    if estimator == "ggn" and loss != "kl":
+        raise HeartError("estimator 'ggn' needs the KL loss (its Hessian at the dense point is Gauss-Newton): use estimator='hvp'")
     batches = list(calib)
     if max_batches is not None:
         batches = batches[:max_batches]
@@ -228,15 +237,35 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
             hp = stack.enter_context(HeadPerturbation(adapter, layers, params)) if do_heads else None
             tp = stack.enter_context(TokenCtx(adapter, layers, params)) if do_tokens else None
             boxes = [stack.enter_context(adapter.attention_probs(l)) for l in layers] if do_tokens else []
-            op = HVP(lambda: objective(inputs, labels), params)
-        if hp is not None:
+            if estimator == "hvp":
+                op = HVP(lambda: objective(inputs, labels), params)
+            else:
+                with math_attention():
+                    logits = adapter.forward(inputs)
+        if estimator == "ggn":
+            mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
+            perts = [p for p in (hp, tp) if p is not None]
+            got = dict(zip([id(p) for p in perts], ggn_scores(logits, params, perts, probes, probe_generator(seed, i, 0), mask,
+                                                              keep_dots=[tp] if tp is not None else [])))
+            if hp is not None:
+                per_head.append((i, got[id(hp)].numpy()))
+            if tp is not None:
+                ts = got[id(tp)].numpy()
+                ts[:, :, :P] = np.nan
+            del logits
+        if hp is not None and estimator == "hvp":
             per_head.append((i, hp.scores(op, probes, probe_generator(seed, i, 0), exact).numpy()))
         if tp is not None:
-            ts = tp.scores(op, probes, probe_generator(seed, i, 1), exact).numpy()  # (B, L, N)
+            if estimator == "hvp":
+                ts = tp.scores(op, probes, probe_generator(seed, i, 1), exact).numpy()  # (B, L, N)
             per_token.append((i, ts))
             cls = np.stack([cls_attention_scores(b.value, P) for b in boxes], 1)  # (B, L, N)
+            def curve(sc):
+                if estimator == "ggn":  # the whole group's quadratic, cross terms included
+                    return group_curve_sums(tp.ggn_dots, tp.ggn_weights, sc, P)
+                return keep_curve_sums(ts, sc, P)
             for name, sc in (("cls_attention", cls), ("oracle", ts)):
-                curves[name] = curves.get(name, 0) + keep_curve_sums(ts, sc, P)
+                curves[name] = curves.get(name, 0) + curve(sc)
             if phase == 0:
                 if ridge_stats is None:
                     ridge_stats = [RidgeStats(tp.hidden[0].shape[-1]) for _ in layers]
@@ -247,9 +276,9 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
                 lin = np.stack([linear_scores(tp.hidden[j], *fitted[j], P) for j in layers], 1)  # (B, L, N)
                 q_cls.add(cls, ts, P)
                 q_lin.add(lin, ts, P)
-                c = keep_curve_sums(ts, lin, P)
+                c = curve(lin)
                 lin_curve = c if lin_curve is None else lin_curve + c
-        del op, params
+        params.clear()
 
     mine = set(D.shard(len(batches)))
     for phase, idx in ((0, range(n_fit)), (1, range(n_fit, len(batches)))):
@@ -259,7 +288,7 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
             n_done += 1
             if progress is not None:
                 progress(n_done, len(batches))
-        if phase == 0 and do_tokens and n_hold:
+        if phase == 0 and do_tokens:
             dim = adapter.hidden_size or (ridge_stats[0].xtx.shape[0] - 1 if ridge_stats else 0)
             for j in layers:
                 st = ridge_stats[j] if ridge_stats else RidgeStats(dim)
@@ -273,7 +302,7 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
     sens = Sensitivities(meta={
         "family": adapter.family, "fingerprint": _fingerprint(model), "geometry": adapter.geometry(), "method": "hessian",
         "loss": loss, "probes": None if exact else int(probes), "exact": bool(exact), "seed": int(seed),
-        "targets": list(targets), "world_size": D.rank_world()[1],
+        "targets": list(targets), "world_size": D.rank_world()[1], "estimator": estimator,
     })
     n_samples = 0
     if do_heads:
@@ -299,7 +328,7 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
             n_h = max(1, sens.scorer_quality["linear"].get("n_inputs", 1))
             sens.token_keep_curves["linear"] = lc / n_h
             sens.token_keep_curves["linear"][:, :P] = np.nan
-            sens.scorers = fitted
+        sens.scorers = fitted
         chosen = token_scorer if token_scorer in sens.token_keep_curves else "cls_attention"
         sens.token_keep_curve = sens.token_keep_curves[chosen]
         sens.meta["token_scorer"] = chosen

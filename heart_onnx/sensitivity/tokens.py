@@ -228,3 +228,20 @@ def keep_curve_sums(token_scores: np.ndarray, scorer_scores: np.ndarray, prefix:
     # keep K = N - n_dropped
     out[:, prefix:] = cum.sum(0)[:, ::-1]
     return out
+
+
+def group_curve_sums(dots: np.ndarray, weights: np.ndarray, scorer_scores: np.ndarray, prefix: int) -> np.ndarray:
+    """Like :func:`keep_curve_sums` but with every cross term inside a stage: (L, N+1).
+
+    ``dots`` (D, B, L, N) and ``weights`` (D, B) from ``probes.ggn_scores``: the second-order loss of dropping
+    a set S of tokens of one stage is ``1/2 sum_d w_d (sum_{t in S} dots_dt)^2`` (the Gauss-Newton quadratic
+    of the whole group), which the sum of single-token scores underestimates when drops interact.
+    """
+    D_, B, L, N = dots.shape
+    order = drop_order(scorer_scores, prefix)  # (B, L, N-P)
+    d = np.take_along_axis(dots, np.broadcast_to(order, (D_,) + order.shape), axis=-1)  # (D, B, L, N-P)
+    cum = np.concatenate([np.zeros((D_, B, L, 1)), np.cumsum(d, axis=-1)], axis=-1)  # (D, B, L, N-P+1)
+    quad = 0.5 * (weights[:, :, None, None] * cum ** 2).sum(0)  # (B, L, N-P+1): drop 0..N-P
+    out = np.full((L, N + 1), np.nan)
+    out[:, prefix:] = quad.sum(0)[:, ::-1]
+    return out
