@@ -350,3 +350,34 @@ def test_vit_b16_blocks_match_graph(tmp_path):
                patch_size=16, num_classes=1000)
     plan = Plan(fingerprint="x", family="vit", geometry=geo, heads={1: (0, 5, 7)})
     check_graph(path, {"pixel_values": np.random.randn(1, 3, 224, 224).astype(np.float32)}, model_flops(geo, plan).macs_pruned)
+
+
+def test_surgery_output_matches_model(tmp_path):
+    """Engineer G's surgery on a dynamo export of the zoo tiny ViT (heads + a token stage, both scorers, fused
+    token): the pruned graph's MACs equal the model's count exactly, overhead included."""
+    try:
+        from heart_onnx.models import zoo
+        from heart_onnx.models.export import export as ho_export
+        from heart_onnx.models.fingerprint import fingerprint
+        from heart_onnx.models.registry import adapt
+        from heart_onnx.surgery.api import prune
+    except ImportError as exc:
+        pytest.skip(f"surgery not available: {exc}")
+    m = zoo.tiny_vit().eval()
+    a = adapt(m)
+    g = a.geometry()
+    src = tmp_path / "tv.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ho_export(m, a.example_inputs(1), src, exporter="dynamo")
+    x = np.random.randn(1, *a.example_inputs(1).shape[1:]).astype(np.float32)
+    L = g["layers"]
+    for fuse, scorer in ((False, "cls_attention"), (True, "linear")):
+        plan = Plan(fingerprint=fingerprint(m), family="vit", geometry=g, heads={0: (1,), L - 1: (0, 2)},
+                    tokens=(TokenStage(0, 9),), token_scorer=scorer, fuse_dropped=fuse,
+                    scorers={0: (tuple(np.random.randn(g["hidden"]).tolist()), 0.0)} if scorer == "linear" else {})
+        out = prune(src, plan, tmp_path / f"p{int(fuse)}.onnx")
+        name = onnx.load(str(out)).graph.input[0].name
+        r = model_flops(g, plan)
+        assert r.tokens_per_layer[1] == 9 + int(fuse)
+        check_graph(out, {name: x}, r.macs_pruned)
