@@ -649,6 +649,7 @@ def find_attention_blocks(graph: Any, require_blocks: bool = False) -> list[Atte
         width = out.in_features
         hidden = q.in_features
         if q.node is k.node is v.node:
+            k = v = q  # one Linear object for a fused projection
             lay = _classify_layout(q, q.out_features)
             if lay is None:
                 raise UnsupportedGraph(f"{where}: fused qkv projection ({q.out_features} outputs) is not followed by a "
@@ -999,6 +1000,10 @@ def _collect(inferred: Any) -> dict[str, tuple[Any, list]]:
     return out
 
 
+def _n_known(shape: list) -> int:
+    return sum(isinstance(d, int) for d in shape)
+
+
 def _static(shape: list | None) -> bool:
     return shape is not None and all(isinstance(d, int) for d in shape)
 
@@ -1033,7 +1038,8 @@ def infer_value_shapes(model: Any, fixed_dims: dict[str, int] | None = None,
                                                       for d in vi.type.tensor_type.shape.dim if d.dim_param)):
         more = _symbolic_shapes(model, fixed_dims or {}, base_dir)
         for k, v in more.items():
-            if not _static(out.get(k, (None, None))[1]) and _static(v[1]):
+            cur = out.get(k, (None, None))[1]
+            if v[1] is not None and (cur is None or _n_known(v[1]) > _n_known(cur)):
                 out[k] = v
     return out
 
