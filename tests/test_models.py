@@ -412,3 +412,16 @@ def test_fingerprint_changes_with_one_weight():
         m.layer2[0].conv1.weight[0, 0, 0, 0] -= 1e-3
     m.layer1[0].bn1.running_mean[0] += 1.0  # buffers count too
     assert fingerprint(m) != f0
+
+
+def test_full_size_cnn_builders_have_calibrated_batchnorm():
+    """Random-init ResNet-56 with running stats 0/1 has logits ~1e4; the zoo calibrates them (O(1) activations)."""
+    m = zoo.resnet56()
+    bn = m.layer3[8].bn2
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    with torch.no_grad():
+        y = m(torch.randn(4, 3, 32, 32))
+    assert y.shape == (4, 10) and 0.1 < float(y.std()) < 100
+    raw = zoo.CifarResNet(9).eval()
+    with torch.no_grad():
+        assert float(raw(torch.randn(4, 3, 32, 32)).abs().max()) > 100 * float(y.abs().max())

@@ -258,26 +258,53 @@ def _randomize_bn(model: nn.Module, seed: int | None = None) -> nn.Module:
     return model
 
 
+def _calibrate_bn(model: nn.Module, size: tuple[int, int, int], batches: int = 1, batch: int = 2, seed: int = 0) -> nn.Module:
+    """Set every BatchNorm's running statistics from ``batches`` forwards of standard-normal images.
+
+    Random init leaves running mean 0 / variance 1, so in eval mode nothing is normalised and a deep
+    residual net's logits grow like 2^(blocks/2) (ResNet-56: ~1e4). Calibrated statistics keep
+    activations O(1), as in a trained model, so sensitivities and output comparisons are meaningful.
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    p = next(model.parameters())
+    if not bns or p.device.type == "meta":  # meta: shapes only (parameter counts)
+        return model
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    moms = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    model.train()
+    with torch.no_grad():
+        for _ in range(batches):
+            model(torch.randn(batch, *size, generator=g).to(device=p.device, dtype=p.dtype))
+    for m, mom in zip(bns, moms):
+        m.momentum = mom
+    return model.eval()
+
+
 def _sized(model: nn.Module, size: tuple[int, int, int]) -> nn.Module:
     model.heart_onnx_input_shape = size  # (C, H, W): read by CNNAdapter and heart_onnx.data
     return model.eval()
 
 
 def resnet18(num_classes: int = 1000) -> nn.Module:
-    """torchvision ResNet-18, random init (11.7M parameters, 224px)."""
+    """torchvision ResNet-18, random init with calibrated BatchNorm statistics (11.7M parameters, 224px)."""
     tv = require("torchvision.models", "ResNet builders")
-    return _sized(tv.resnet18(weights=None, num_classes=num_classes), (3, 224, 224))
+    return _sized(_calibrate_bn(tv.resnet18(weights=None, num_classes=num_classes), (3, 224, 224)), (3, 224, 224))
 
 
 def resnet56(num_classes: int = 10) -> nn.Module:
-    """CIFAR ResNet-56 (9 BasicBlocks per stage, widths 16/32/64, option A shortcuts, 0.85M parameters, 32px)."""
-    return _sized(CifarResNet(9, num_classes), (3, 32, 32))
+    """CIFAR ResNet-56 (9 BasicBlocks per stage, widths 16/32/64, option A shortcuts, 0.85M parameters, 32px),
+    random init with calibrated BatchNorm statistics."""
+    return _sized(_calibrate_bn(CifarResNet(9, num_classes), (3, 32, 32)), (3, 32, 32))
 
 
 def mobilenetv2(num_classes: int = 1000, width_mult: float = 1.0) -> nn.Module:
-    """torchvision MobileNetV2 (width 1.0: 3.5M parameters, 224px)."""
+    """torchvision MobileNetV2 (width 1.0: 3.5M parameters, 224px), random init with calibrated BatchNorm statistics."""
     tv = require("torchvision.models", "MobileNetV2 builders")
-    return _sized(tv.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=width_mult), (3, 224, 224))
+    model = tv.mobilenet_v2(weights=None, num_classes=num_classes, width_mult=width_mult)
+    return _sized(_calibrate_bn(model, (3, 224, 224)), (3, 224, 224))
 
 
 def tiny_resnet(kind: str = "cifar", num_classes: int = 10) -> nn.Module:
