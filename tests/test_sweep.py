@@ -159,3 +159,26 @@ def test_perplexity_real_weights_against_cross_entropy(tmp_path):
     (rec,) = s.records
     assert rec["status"] == "ok" and rec["real_weights"] is True
     assert rec["perplexity"] == pytest.approx(perplexity_file(model, tok, str(text))["perplexity"], rel=1e-6)
+
+
+def test_plan_head_pruning_applied_before_measuring(tmp_path):
+    """A Plan removing heads changes what the model generates, identically in PyTorch and in the exported ONNX."""
+    from heart_onnx.llm.models import ModelSpec
+    from heart_onnx.models.fingerprint import fingerprint
+    from heart_onnx.models.registry import adapt
+    from heart_onnx.plan import Plan
+
+    spec = "tiny:layers=2+hidden=32+heads=4+vocab=128+max_pos=128"
+    model = ModelSpec.parse(spec).build(seed=0)
+    ad = adapt(model)
+    plan = Plan(fingerprint=fingerprint(model), family=ad.family, geometry=ad.geometry(), heads={0: (0, 1, 2), 1: (3,)},
+                prefix_tokens=0)
+    plan_path = plan.save(tmp_path / "plan.json")
+    base = dict(models=(spec,), backends=("torch-cpu", "ort-cpu"), batches=(2,), prompts=(6,), new_tokens=(6,), repeats=1,
+                warmup=0, threads=1, power="none")
+    dense = {r["backend"]: r for r in run_sweep(SweepConfig(**base), tmp_path / "dense", progress=False).records}
+    pruned = {r["backend"]: r for r in run_sweep(SweepConfig(**base, plan=str(plan_path)), tmp_path / "pruned", progress=False).records}
+    assert all(r["status"] == "ok" for r in [*dense.values(), *pruned.values()]), [r.get("error") for r in pruned.values()]
+    assert pruned["torch-cpu"]["plan_sha"] and pruned["torch-cpu"]["tokens_checksum"] == pruned["ort-cpu"]["tokens_checksum"]
+    assert dense["torch-cpu"]["tokens_checksum"] == dense["ort-cpu"]["tokens_checksum"]
+    assert pruned["torch-cpu"]["tokens_checksum"] != dense["torch-cpu"]["tokens_checksum"]
