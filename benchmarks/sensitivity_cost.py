@@ -6,12 +6,15 @@ Protocol
   random labels, ``backward()`` into the weights (a training step without optimizer). ``setup``: forward
   with the head and token perturbation hooks plus the first (create_graph) gradient, i.e. what
   ``analyze`` does once per batch. ``probe``: one HVP (one random-sign probe vector over all heads
-  of all layers), what ``analyze`` repeats ``probes`` times per target. Warm-up 1, then ``--repeats``
+  of all layers), what ``analyze(estimator="hvp")`` repeats ``probes`` times per target.
+  ``ggn_forward`` / ``ggn_draw``: the default KL estimator's forward with hooks and ONE output-space
+  backward (it does one per class for <= 64 classes, else ``probes`` sampled ones). Warm-up 1, then ``--repeats``
   runs, median and p90 reported. Ratio = probe / fwd+bwd (target <= 4). Models: the demo ViT
   (4x8 heads, 17 tokens) and ViT-B/16 geometry (random init, 12x12 heads, 197 tokens).
 - Memory (``--what memory``): Pythia-160m geometry (random init, ``zoo.build("pythia-160m")``) at
   sequence ``--seq`` and batch ``--lm-batch``, head sensitivities with 1 probe, label-free KL, chunked
-  (``loss.lm_kl_chunked``) vs naive (full (B, T, V) logits), each in a fresh subprocess. On CUDA:
+  (``loss.lm_kl_chunked``) vs naive (full (B, T, V) logits) HVP probes, and the GGN estimator, each in a
+  fresh subprocess. On CUDA:
   ``torch.cuda.max_memory_allocated``; on CPU: peak RSS (``ru_maxrss``) minus RSS after model load.
 
     OMP_NUM_THREADS=1 python benchmarks/sensitivity_cost.py --out artifacts/sensitivity_cost.json
@@ -95,6 +98,20 @@ def time_model(name, model, batch, dev, repeats):
         for i, z in zip(tp.slots, tp.z):
             v[i] = (torch.randint(0, 2, z.shape, generator=g) * 2 - 1).to(z)
         op(v)
+    def ggn_draw_setup():
+        params = []
+        with contextlib.ExitStack() as st:
+            st.enter_context(math_attention())
+            st.enter_context(HeadPerturbation(a, None, params))
+            st.enter_context(TokenGates(a, None, params))
+            logp = torch.log_softmax(a.forward(x), -1)
+        return logp, params
+    logp, gparams = ggn_draw_setup()
+
+    def ggn_draw():
+        torch.autograd.grad(logp[:, 0].sum(), gparams, retain_graph=True, allow_unused=True)
+    r["ggn_forward"] = _timed(ggn_draw_setup, dev, repeats)
+    r["ggn_draw"] = _timed(ggn_draw, dev, repeats)
     r["probe_heads"] = _timed(probe_heads, dev, repeats)
     r["probe_tokens"] = _timed(probe_tokens, dev, repeats)
     r["setup_no_weight_grads"] = _timed(setup, dev, repeats)
@@ -103,12 +120,19 @@ def time_model(name, model, batch, dev, repeats):
     fb = r["fwd+bwd"]["median_s"]
     r["ratio_probe_over_fwd_bwd"] = {"heads": r["probe_heads"]["median_s"] / fb, "tokens": r["probe_tokens"]["median_s"] / fb}
     r["ratio_setup_over_fwd_bwd"] = r["setup_no_weight_grads"]["median_s"] / fb
+    r["ratio_ggn_draw_over_fwd_bwd"] = r["ggn_draw"]["median_s"] / fb
+    r["ratio_ggn_forward_over_fwd_bwd"] = r["ggn_forward"]["median_s"] / fb
     print(name, json.dumps(r), flush=True)
     return r
 
 
-def memory_child(seq, batch, chunked):
-    """Run in a subprocess: peak memory of one head-sensitivity batch on Pythia-160m."""
+def memory_child(seq, batch, mode):
+    """Run in a subprocess: peak memory of one head-sensitivity batch on Pythia-160m.
+
+    ``mode``: ``hvp-chunked`` (HVP probes, chunked LM-head KL), ``hvp-naive`` (HVP probes, full logits),
+    ``ggn`` (output-space estimator: one backward per sampled label set, full logits, no double backward).
+    """
+    chunked = mode == "hvp-chunked"
     from heart_onnx.models import zoo
     from heart_onnx.sensitivity import api
 
@@ -119,7 +143,7 @@ def memory_child(seq, batch, chunked):
     a = adapt(model)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device=dev)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    if not chunked:
+    if mode == "hvp-naive":
         orig = api.Objective.__init__
         api.Objective.__init__ = lambda self, ad, name="kl", chunked=True: orig(self, ad, name, chunked=False)
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -127,9 +151,9 @@ def memory_child(seq, batch, chunked):
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2 ** 20
     t = time.perf_counter()
-    sens = api.analyze(a, [inputs], targets=("heads",), probes=1)
+    sens = api.analyze(a, [inputs], targets=("heads",), probes=1, estimator="ggn" if mode == "ggn" else "hvp")
     dt = time.perf_counter() - t
-    out = {"seq": seq, "batch": batch, "chunked": chunked, "device": str(dev), "time_s": dt,
+    out = {"seq": seq, "batch": batch, "mode": mode, "device": str(dev), "time_s": dt,
            "head_shape": list(sens.head.shape)}
     if dev.type == "cuda":
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -153,8 +177,8 @@ def main(argv=None) -> int:
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        seq, batch, chunked = args.child.split(",")
-        memory_child(int(seq), int(batch), chunked == "1")
+        seq, batch, mode = args.child.split(",")
+        memory_child(int(seq), int(batch), mode)
         return 0
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     res = {"protocol": __doc__.split("Protocol")[1].strip(), "torch": torch.__version__, "device": str(dev),
@@ -168,11 +192,11 @@ def main(argv=None) -> int:
             res["vit_b_16"] = time_model("vit_b_16", zoo.build("vit_b_16"), args.batch, dev, args.repeats)
     if "memory" in args.what:
         res["pythia_160m"] = []
-        for chunked in (True, False):
-            p = subprocess.run([sys.executable, __file__, "--child", f"{args.seq},{args.lm_batch},{int(chunked)}"],
+        for mode in ("hvp-chunked", "hvp-naive", "ggn"):
+            p = subprocess.run([sys.executable, __file__, "--child", f"{args.seq},{args.lm_batch},{mode}"],
                                capture_output=True, text=True)
             line = [x for x in p.stdout.splitlines() if x.startswith("{")]
-            r = json.loads(line[-1]) if line else {"chunked": chunked, "error": p.stderr[-2000:]}
+            r = json.loads(line[-1]) if line else {"mode": mode, "error": p.stderr[-2000:]}
             print("pythia-160m", r, flush=True)
             res["pythia_160m"].append(r)
     out = Path(args.out)

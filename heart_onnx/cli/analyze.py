@@ -30,7 +30,9 @@ def register(sub: Any) -> None:
     p.add_argument("--targets", default=None, metavar="LIST",
                    help="comma-separated heads,tokens,pairs (default: heads,tokens for ViTs, heads for LMs, pairs for CNNs)")
     p.add_argument("--method", default="hessian", help="hessian (default) or a baseline: magnitude, taylor, fisher, random, cls_attention")
-    p.add_argument("--probes", type=int, default=None, help="random-sign probes per batch (default 8)")
+    p.add_argument("--probes", type=int, default=None, help="random-sign HVP probes, or sampled labels for the GGN estimator, per batch (default 16)")
+    p.add_argument("--estimator", default="auto", choices=("auto", "ggn", "hvp"),
+                   help="auto (default): ggn (output-space Gauss-Newton) for --loss kl, else hvp (random-sign HVP probes)")
     p.add_argument("--exact", action="store_true", help="one HVP per component instead of probes (slow reference)")
     p.add_argument("--loss", default="kl", choices=("kl", "ce", "mse", "cosine"),
                    help="calibration loss (default kl: label-free, against the dense model; ce needs labels)")
@@ -113,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
 
     sens = analyze(adapter, calib, targets=targets, method=args.method, probes=args.probes or DEFAULT_PROBES,
                    loss=args.loss, seed=args.seed, exact=args.exact, holdout=args.holdout,
-                   token_scorer=args.token_scorer, progress=progress)
+                   token_scorer=args.token_scorer, estimator=args.estimator, progress=progress)
     sens.meta["model"] = args.model
     sens.meta["data"] = args.data
     if rank == 0:
@@ -130,7 +132,8 @@ def run(args: argparse.Namespace) -> int:
 def format_summary(sens, out) -> str:
     m = sens.meta
     lines = [f"model       {m.get('model')} ({m.get('family')}), {m.get('n_samples')} samples of {m.get('data')}",
-             f"method      {m.get('method')}, loss {m.get('loss')}, probes {m.get('probes')}, {m.get('time_s', 0):.1f} s"]
+             f"method      {m.get('method')} ({m.get('estimator', '-')}), loss {m.get('loss')}, probes {m.get('probes')}, "
+             f"{m.get('time_s', 0):.1f} s"]
     if sens.head is not None:
         L, H = sens.head.shape
         flat = sens.head.ravel().argsort()
