@@ -416,6 +416,42 @@ def merge_curve(entry: Entry, granularity: Granularity, sparsities: Sequence[flo
                      for s in sparsities], dtype=np.float64)
 
 
+def row_signature(weight: np.ndarray) -> str:
+    """SHA-256 of the weight's sign pattern, each output row's signs relative to its largest-magnitude entry.
+
+    Unchanged by any non-zero per-row scaling, so it still names a Conv after the exporter folded a
+    BatchNorm into it (where :func:`heart_onnx.models.fingerprint.weight_sha` no longer matches).
+    Store it in ``Plan.anchors`` as ``"<weight name>:rowsign"`` for ``surgery.pairs.apply_merges``.
+    """
+    import hashlib
+
+    w = np.asarray(weight, dtype=np.float32)
+    rows = w.reshape(w.shape[0], -1)
+    ref = np.sign(rows[np.arange(rows.shape[0]), np.argmax(np.abs(rows), axis=1)])[:, None]
+    sig = (np.sign(rows) * ref).astype(np.int8)
+    h = hashlib.sha256(repr(tuple(w.shape)).encode())
+    h.update(np.ascontiguousarray(sig).tobytes())
+    return h.hexdigest()
+
+
+def anchors_for(merges: Sequence[WeightMerge], entries_by_name: Mapping[str, Entry]) -> dict[str, str]:
+    """``Plan.anchors`` for merges: ``name -> sha`` and ``"name:rowsign" -> row_signature`` (weights and consumers)."""
+    out: dict[str, str] = {}
+    weights = {}
+    for e in entries_by_name.values():
+        weights[_str(e, "name")] = e["weight"]
+        if "consumer_weight" in e:
+            weights[_str(e, "consumer")] = e["consumer_weight"]
+    for m in merges:
+        for name, sha in ((m.weight, m.weight_sha), (m.consumer, m.consumer_sha)):
+            if name is None:
+                continue
+            out[name] = sha
+            if name in weights:
+                out[f"{name}:rowsign"] = row_signature(weights[name])
+    return out
+
+
 def measured_sparsity(merge: WeightMerge) -> float:
     """Fraction of the weight (or of its output channels) that the merge removes."""
     total = int(np.prod(merge.shape)) if merge.granularity != "channel" else int(merge.shape[0])

@@ -212,6 +212,37 @@ def test_cnn_surgery_matches_masked_reference_with_folded_batchnorm(exported, ex
         assert checked >= sum(1 for m in merges if len(m.shape) == 4)
 
 
+@pytest.mark.parametrize("exporter", EXPORTERS)
+def test_cnn_folded_conv_found_by_row_signature_anchors(exported, exporter):
+    """Without the original weights: ``Plan.anchors`` row signatures find the folded Convs."""
+    model, path = exported("cnn", exporter)
+    merges = make_merges(model, "unstructured") + make_merges(model, "channel")
+    ents = {n: {"name": np.array(n), "weight": p.detach().numpy()} for n, p in model.named_parameters()}
+    anchors = pairing.anchors_for(merges, ents)
+    assert all(f"{m.weight}:rowsign" in anchors for m in merges)
+    ref = merged(model, merges)
+    out = surgery_anchors(path, merges, anchors)
+    check_equal(ref, out, lambda b: torch.randn(b, 1, 8, 8))
+
+
+def surgery_anchors(path, merges, anchors):
+    g = apply_merges(gs.import_onnx(onnx.load(str(path))), merges, anchors=anchors)
+    m = gs.export_onnx(g)
+    onnx.checker.check_model(m)
+    return m
+
+
+def test_row_signature_is_invariant_to_row_scaling():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 4, 3, 3)).astype(np.float32)
+    s = rng.uniform(-3, 3, (8, 1, 1, 1)).astype(np.float32)
+    assert pairing.row_signature(w) == pairing.row_signature(w * s)
+    w2 = w.copy()
+    w2[0, 0, 0, 0] *= -1 if abs(w2[0, 0, 0, 0]) < np.abs(w2[0]).max() else 1
+    w2[1] = w2[1] * np.where(np.arange(36).reshape(4, 3, 3) == 5, -1, 1)
+    assert pairing.row_signature(w2) != pairing.row_signature(w)
+
+
 def test_cnn_folded_conv_needs_weights(exported):
     model, path = exported("cnn", "dynamo")
     merges = make_merges(model, "unstructured")

@@ -8,7 +8,9 @@ It is found by hashing every such constant as is and transposed.
 Exporters fold an eval-mode BatchNorm into the preceding Conv (both torch exporters do), so a Conv
 weight in the graph is ``diag(s) W``, not ``W``, and its hash differs. Pass the original weights
 (``weights={name: array}``, e.g. the ``weight`` arrays of ``Sensitivities.pairs`` or a state dict)
-and such a layer is found by shape and row proportionality instead. The merge rule only combines
+and such a layer is found by shape and row proportionality instead; or pass ``anchors`` holding ``"<name>:rowsign"`` signatures
+(``heart_onnx.pairing.row_signature``: the sign pattern relative to each row's largest entry, which a
+folded row scaling does not change), e.g. ``Plan.anchors`` filled by ``pairing.anchors_for``. The merge rule only combines
 weights of the same output row (channel merges: consumer columns, row-wise too), so it commutes with
 the folded row scaling and applies to the folded weight unchanged.
 
@@ -89,7 +91,9 @@ def _weight_sites(graph: Any) -> list[_Site]:
 
 
 class _Finder:
-    def __init__(self, graph: Any, weights: Mapping[str, np.ndarray] | None):
+    def __init__(self, graph: Any, weights: Mapping[str, np.ndarray] | None, anchors: Mapping[str, str] | None = None):
+        self.anchors = anchors or {}
+        self._rowsig: dict[int, list[tuple[str, bool]]] | None = None
         self.sites = _weight_sites(graph)
         self.by_sha: dict[str, list[_Site]] = {}
         for s in self.sites:
@@ -98,6 +102,11 @@ class _Finder:
                 alt = _Site(s.node, s.tensor, not s.transposed)
                 self.by_sha.setdefault(sha_of(alt.get()), []).append(alt)
         self.weights = weights or {}
+
+    def _row_signed(self) -> list[tuple[str, _Site]]:
+        if self._rowsig is None:
+            self._rowsig = _row_signed_sites(self.sites)
+        return self._rowsig
 
     def find(self, name: str, sha: str, shape: Sequence[int]) -> list[_Site]:
         found = [s for s in self.by_sha.get(sha, []) if tuple(s.get().shape) == tuple(shape)]
@@ -112,11 +121,35 @@ class _Finder:
                     s.folded = True
                 if folded:
                     return folded
+        rs = self.anchors.get(f"{name}:rowsign")
+        if rs is not None:
+            folded = [s for s in self._row_signed() if s[0] == rs]
+            if folded:
+                out = []
+                for _, site in folded:
+                    if tuple(site.get().shape) == tuple(shape):
+                        site.folded = True
+                        out.append(site)
+                if out:
+                    return out
         hint = ("pass the original weights (apply_merges(..., weights={name: array}), e.g. from the "
-                "sensitivity file) so a Conv with a folded BatchNorm can be matched" if name not in self.weights
+                "sensitivity file) or plan anchors with row signatures (heart_onnx.pairing.anchors_for) so a Conv "
+                "with a folded BatchNorm can be matched" if name not in self.weights
                 else "the graph was exported from another model: export this model again")
         raise UnsupportedGraph(f"weight {name} {tuple(shape)} (sha {sha[:12]}) is not in the graph as a Conv/Gemm/MatMul "
                                f"constant: {hint}")
+
+
+def _row_signed_sites(sites: list[_Site]) -> list[tuple[str, _Site]]:
+    from ..pairing import row_signature
+
+    out = []
+    for s in sites:
+        out.append((row_signature(s.get()), s))
+        if len(s.tensor.shape) == 2:
+            alt = _Site(s.node, s.tensor, not s.transposed)
+            out.append((row_signature(alt.get()), alt))
+    return out
 
 
 def _row_proportional(v: np.ndarray, ref: np.ndarray) -> bool:
@@ -223,14 +256,17 @@ def _apply_channel(graph: Any, m: WeightMerge, prod: _Site, cons: _Site) -> None
 
 
 # ---------------------------------------------------------------------------------------------- the pass
-def apply_merges(graph: Any, merges: Sequence[WeightMerge], weights: Mapping[str, np.ndarray] | None = None) -> Any:
+def apply_merges(graph: Any, merges: Sequence[WeightMerge], weights: Mapping[str, np.ndarray] | None = None,
+                 anchors: Mapping[str, str] | None = None) -> Any:
     """Apply ``merges`` to ``graph`` (a ``gs.Graph``) in place; returns it after ``cleanup().toposort()``.
 
     ``weights`` (default ``None``): original PyTorch weights by name, to find Conv weights that the
-    exporter folded a BatchNorm into (see the module docstring). Raises ``UnsupportedGraph`` when a
-    weight cannot be found or a channel pair cannot be shrunk.
+    exporter folded a BatchNorm into (see the module docstring). ``anchors`` (default ``None``): e.g.
+    ``Plan.anchors``; entries ``"<name>:rowsign"`` (``heart_onnx.pairing.anchors_for``) find such folded
+    weights without the originals. Raises ``UnsupportedGraph`` when a weight cannot be found or a
+    channel pair cannot be shrunk.
     """
-    finder = _Finder(graph, weights)
+    finder = _Finder(graph, weights, anchors)
     for m in merges:
         sites = finder.find(m.weight, m.weight_sha, m.shape)
         if m.granularity in ("unstructured", "2:4"):
@@ -263,11 +299,12 @@ def _unique(sites: list[_Site]) -> list[_Site]:
     return out
 
 
-def apply_merges_to_model(model: Any, merges: Sequence[WeightMerge], weights: Mapping[str, np.ndarray] | None = None) -> Any:
-    """``onnx.ModelProto`` in, merged ``onnx.ModelProto`` out (shapes re-inferred)."""
+def apply_merges_to_model(model: Any, merges: Sequence[WeightMerge], weights: Mapping[str, np.ndarray] | None = None,
+                          anchors: Mapping[str, str] | None = None) -> Any:
+    """``onnx.ModelProto`` in, merged ``onnx.ModelProto`` out (shapes re-inferred); options as :func:`apply_merges`."""
     gs = require("onnx_graphsurgeon", "ONNX surgery")
     onnx = require("onnx", "ONNX surgery")
-    graph = apply_merges(gs.import_onnx(model), merges, weights)
+    graph = apply_merges(gs.import_onnx(model), merges, weights, anchors)
     out = gs.export_onnx(graph)
     out.opset_import[:] = model.opset_import
     out.ir_version = model.ir_version
