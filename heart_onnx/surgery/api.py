@@ -1,0 +1,179 @@
+"""``prune(model, plan, out)``: apply a Plan to an ONNX model by graph surgery (no torch).
+
+Steps: load (``heart_onnx.onnx_io``) -> check the plan belongs to this model (the export's
+``heart_onnx.fingerprint`` metadata, the plan's weight anchors, the number of layers, heads, head
+size, width and token count) -> find the attention blocks (``surgery.match``) -> weight merges
+(``surgery.pairs.apply_merges``, done first so they find the weights the plan hashed) -> heads
+(``surgery.heads``) -> tokens (``surgery.tokens``) -> ``cleanup().toposort()`` ->
+``onnx.checker.check_model(full_check=True)`` + shape inference -> the plan recorded in
+``metadata_props["heart_onnx.plan"]`` -> an ONNX Runtime smoke run on random inputs -> written
+atomically, never over the input.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .._deps import require
+from ..errors import HeartError, PlanMismatch, UnsupportedGraph
+from ..plan import Plan
+from . import metadata
+
+
+def _load(model: Any) -> tuple[Any, Path | None]:
+    if isinstance(model, (str, os.PathLike)):
+        from ..onnx_io import load_model
+
+        return load_model(model), Path(os.fspath(model))
+    onnx = require("onnx", "ONNX surgery")
+    if isinstance(model, onnx.ModelProto):
+        return model, None
+    raise HeartError(f"prune expects an .onnx path or an onnx.ModelProto, got {type(model).__name__}")
+
+
+def _check_identity(model: Any, plan: Plan) -> None:
+    props = metadata.get_props(model)
+    fp = props.get("heart_onnx.fingerprint")
+    if fp is not None and fp != plan.fingerprint:
+        raise PlanMismatch(f"this plan was made for another model (fingerprint {plan.fingerprint[:12]}, the ONNX file "
+                           f"was exported from {fp[:12]}): re-run 'heart-onnx analyze' and 'heart-onnx plan' on this model")
+    if props.get(metadata.PRUNED_KEY) == "1":
+        raise HeartError("this ONNX file is already pruned: prune the dense export instead")
+
+
+def _check_anchors(graph: Any, plan: Plan) -> None:
+    from .match import find_initializer_by_sha
+
+    missing = [name for name, sha in plan.anchors.items() if find_initializer_by_sha(graph, sha) is None]
+    if missing:
+        raise PlanMismatch(f"this plan was made for another model: {len(missing)} of its {len(plan.anchors)} anchor "
+                           f"weights (e.g. {missing[0]}) are not in this graph; re-run 'heart-onnx plan' on this model")
+
+
+def _geometry(plan: Plan, blocks: list, mine: list) -> tuple[int, int, int, int | None]:
+    g = plan.geometry
+    L = int(g.get("layers", len(blocks)))
+    if len(blocks) != L or len(mine) != L:
+        raise PlanMismatch(f"the plan is for a model with {L} layers, this graph has {len(blocks)} attention blocks: "
+                           "use the ONNX export of the model the plan was made for")
+    H = int(g.get("heads") or blocks[0].heads)
+    Dh = int(g.get("head_dim") or blocks[0].head_dim)
+    D = int(g.get("hidden") or blocks[0].hidden)
+    for b, m in zip(blocks, mine):
+        if b.softmax is not m.softmax:
+            raise UnsupportedGraph("attention blocks were matched inconsistently: please report this graph")
+        if (b.heads, b.head_dim) != (H, Dh):
+            raise PlanMismatch(f"layer {b.layer} of the graph has {b.heads} heads of {b.head_dim}, the plan expects "
+                               f"{H} of {Dh}: use the export of the model the plan was made for")
+    seq = blocks[0].seq_len or g.get("seq_len")
+    return H, Dh, D, (int(seq) if seq else None)
+
+
+def prune_model(model: Any, plan: Plan, *, int32_indices: bool = False, check: bool = True) -> Any:
+    """Surgery on an ``onnx.ModelProto`` (not modified): returns the pruned ``ModelProto``.
+
+    ``int32_indices`` (default False): INT32 token indices for TensorRT 8.x; ``check`` (default True):
+    checker, TensorRT rules and an ONNX Runtime smoke run.
+    """
+    onnx = require("onnx", "ONNX surgery")
+    gs = require("onnx_graphsurgeon", "ONNX surgery")
+    from ._attn import clear_shapes, find_attention
+    from .heads import remove_heads
+    from .match import find_attention_blocks, import_graph
+    from .tokens import insert_token_stages
+
+    _check_identity(model, plan)
+    graph = import_graph(model)
+    _check_anchors(graph, plan)
+    blocks = find_attention_blocks(graph)
+    if not blocks:
+        if plan.heads or plan.tokens:
+            raise UnsupportedGraph("this graph has no attention blocks, but the plan prunes heads or tokens: "
+                                   "use the ONNX export of the transformer the plan was made for")
+        H = Dh = D = 0
+        seq = None
+    else:
+        mine = find_attention(graph, blocks[0].hidden)
+        H, Dh, D, seq = _geometry(plan, blocks, mine)
+    block_out = [b.block_output for b in blocks]
+    soft = [None if len(plan.removed_heads(i)) >= H else b.softmax for i, b in enumerate(blocks)]
+    if plan.merges:
+        from .pairs import apply_merges
+
+        apply_merges(graph, plan.merges)
+    if any(plan.heads.values()):
+        layout = "head_qkv" if blocks[0].layout == "neox_interleaved" else "qkv_head"
+        remove_heads(graph, mine, plan.heads, num_heads=H, head_dim=Dh, hidden=D, layout=layout)
+    if plan.tokens:
+        if plan.family == "gpt_neox":
+            raise HeartError("token pruning is for encoders (ViT, BERT): remove the token stages from this GPT-NeoX plan")
+        if seq is None:
+            raise UnsupportedGraph("the graph's sequence length is not static: export with heart-onnx export (dynamo), or "
+                                   "fold it with 'polygraphy surgeon sanitize --fold-constants'")
+        insert_token_stages(graph, plan, block_out, soft, seq_len=seq, hidden=D, int32_indices=int32_indices)
+    graph.cleanup(remove_unused_graph_inputs=False).toposort()
+    clear_shapes(graph)
+    out = gs.export_onnx(graph)
+    del out.opset_import[:]
+    out.opset_import.extend(model.opset_import)
+    out.ir_version = model.ir_version
+    out.producer_name, out.producer_version = model.producer_name, model.producer_version
+    del out.metadata_props[:]
+    out.metadata_props.extend(model.metadata_props)
+    metadata.set_plan(out, plan)
+    try:
+        onnx.checker.check_model(out, full_check=True)
+        out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+    except Exception as exc:  # noqa: BLE001 - a surgery bug, not a user error
+        raise UnsupportedGraph(f"the pruned graph does not pass the ONNX checker ({str(exc).splitlines()[0][:200]}): "
+                               "please report this model") from exc
+    if check:
+        from .trt_rules import check_trt_rules
+
+        bad = check_trt_rules(out, int32_indices=int32_indices)
+        if bad:
+            raise UnsupportedGraph(f"the pruned graph breaks a TensorRT rule: {bad[0]}")
+        smoke_run(out)
+    return out
+
+
+def smoke_run(model: Any, batch: int = 2) -> list[np.ndarray]:
+    """Run ``model`` once on ONNX Runtime CPU with random inputs (batch ``batch``, default 2)."""
+    ort = require("onnxruntime", "the ONNX Runtime smoke run")
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feed = {}
+    for i in sess.get_inputs():
+        shape = [d if isinstance(d, int) else batch for d in i.shape]
+        if "int" in i.type:
+            feed[i.name] = np.ones(shape, dtype=np.int64 if "int64" in i.type else np.int32)
+        else:
+            feed[i.name] = rng.standard_normal(shape).astype(np.float32)
+    outs = sess.run(None, feed)
+    for o in outs:
+        if np.issubdtype(o.dtype, np.floating) and not np.all(np.isfinite(o)):
+            raise UnsupportedGraph("the pruned graph produces non-finite outputs on random inputs: please report this model")
+    return outs
+
+
+def prune(model_path_or_proto: Any, plan: Plan, out_path: str | os.PathLike, *, int32_indices: bool = False,
+          check: bool = True) -> Path:
+    """Apply ``plan`` to an ONNX model by surgery and write ``out_path`` atomically; returns the path.
+
+    ``int32_indices`` (default False): INT32 token indices (TensorRT 8.x); ``check`` (default True):
+    TensorRT rules and an ONNX Runtime smoke run. Refuses to write over the input.
+    Raises PlanMismatch for a plan made for another model, UnsupportedGraph for a graph it cannot handle.
+    """
+    from ..fileio import check_output_path
+    from ..onnx_io import save_model
+
+    model, src = _load(model_path_or_proto)
+    check_output_path(out_path, *([src] if src else []))
+    pruned = prune_model(model, plan, int32_indices=int32_indices, check=check)
+    return save_model(pruned, out_path, source=src)
