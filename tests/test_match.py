@@ -190,7 +190,7 @@ def _attention_graph(q_from_linear: bool) -> onnx.ModelProto:
     inits.append(helper.make_tensor("oshape", TensorProto.INT64, (3,), [1, 4, 8]))
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, (1, 4, 8))],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, (1, 4, 8))], inits)
-    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
 
 
 def test_handmade_block_and_unsupported_pattern():
