@@ -46,8 +46,13 @@ class HVP:
     """
 
     def __init__(self, loss_fn: LossFn, params: Tensors):
+        # ``params`` is read after ``loss_fn()`` runs, so a list that the forward fills (activation
+        # perturbations created by hooks) works as well as a fixed list of weights.
+        loss = loss_fn()
         self.params = _as_list(params)
-        self.loss, self.grads = gradient(loss_fn, self.params, create_graph=True)
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        self.loss = loss
+        self.grads = [torch.zeros_like(p) if g is None else g for p, g in zip(self.params, grads)]
         self._differentiable = [g.requires_grad for g in self.grads]
 
     def __call__(self, v: torch.Tensor | Tensors, retain_graph: bool = True) -> list[torch.Tensor]:
