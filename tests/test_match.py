@@ -220,3 +220,22 @@ def test_as_linear_rejects_non_weights():
     graph = import_graph(_attention_graph(True))
     kinds = {n.outputs[0].name: as_linear(n) is not None for n in graph.nodes if n.op == "MatMul"}
     assert kinds == {"q": True, "k": True, "v": True, "s": False, "c": False, "y": True}
+
+
+@pytest.mark.parametrize("exporter", ["torchscript"])
+def test_demo_vit(exporter, tmp_path):
+    from heart_onnx.models.demo import demo_vit
+    from heart_onnx.models.export import export
+    from heart_onnx.models.registry import adapt
+
+    try:
+        model = demo_vit(pretrained=True)
+    except Exception:  # noqa: BLE001 - shipped weights missing: same geometry at random init
+        model = demo_vit(pretrained=False)
+    a = adapt(model)
+    p = export(model, a.example_inputs(), tmp_path / "demo.onnx", exporter=exporter)
+    graph, blocks = match_model(load_model(p))
+    assert len(blocks) == a.num_layers
+    for b in blocks:
+        assert (b.heads, b.head_dim, b.seq_len) == (a.num_heads, a.head_dim, a.seq_len)
+        np.testing.assert_array_equal(b.out_proj.torch_weight(), a.head_input_module(b.layer).weight.detach().numpy())
