@@ -43,7 +43,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import HeartError
-from .flops import TRANSFORMER_FAMILIES, ConvLayer, FlopsReport, channel_macs_per_row, cnn_layers, model_flops, transformer_spec, weight_layer
+from .flops import ConvLayer, FlopsReport, channel_macs_per_row, cnn_layers, model_flops, transformer_spec, weight_layer
 from .plan import Plan, TokenStage
 
 TARGETS = ("heads", "tokens", "pairs")
@@ -257,6 +257,7 @@ class _Problem:
                 self.head_cost.append(h[l][order])
                 self.max_removed[l] = min(self.spec.heads - min_heads, int(np.isfinite(h[l]).sum()))  # nan: never removed
         self._hcum = [[0.0] + np.cumsum(c).tolist() for c in self.head_cost]
+        self.head_cost = [c.tolist() for c in self.head_cost]
 
         # ---- tokens
         self.token_layers: tuple[int, ...] = ()
@@ -274,7 +275,7 @@ class _Problem:
             if not tl:
                 raise HeartError("no token pruning layers: pass token_layers (e.g. --token-layers 1,2) or drop the tokens target")
             self.token_layers = tl
-            self.curves = [_monotone_curve(curve[l]) for l in tl]
+            self.curves = [_monotone_curve(curve[l]).tolist() for l in tl]  # lists: fast scalar indexing
             self.min_keep = self.P + 1 if min_keep is None else int(min_keep)
             if not self.P < self.min_keep <= self.N:
                 raise HeartError(f"min_keep must be in [{self.P + 1}, {self.N}] (prefix tokens + 1 .. all tokens), got {min_keep}")
@@ -693,7 +694,7 @@ class _Problem:
                 ev = self.evaluate(*slot)
                 if ev is None or ev[1] <= 0:
                     continue
-                dl = ev[0] if slot[0] != "tokens" else ev[0]
+                dl = ev[0]
                 if dl > left + 1e-15:
                     continue
                 r = ev[1] / max(dl, _TINY)
@@ -920,4 +921,4 @@ def flops_report(sens_or_geometry: Any, plan_: Plan | None = None, *, seq_len: i
 
 
 __all__ = ["Action", "Pareto", "pareto", "plan", "predict", "calibrate", "check_budget", "default_token_layers",
-           "flops_report", "MAX_BUDGET", "TRANSFORMER_FAMILIES"]
+           "flops_report", "calibration_factors", "calibration_exponents", "MAX_BUDGET"]
