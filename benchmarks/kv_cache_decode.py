@@ -1,7 +1,7 @@
 """Decode speed with the KV cache vs without, ONNX Runtime CPU (and PyTorch eager for reference).
 
 Protocol: a Pythia geometry with random weights (--model, default pythia-70m; seed 0), exported once
-as prefill.onnx + decode.onnx (TorchScript exporter). Greedy generation of --new-tokens tokens from a
+as prefill.onnx + decode.onnx (--exporter, default TorchScript; "dynamo" also works, slower to export). Greedy generation of --new-tokens tokens from a
 random prompt of --prompt tokens at --batch. Three generators run interleaved, --repeats rounds after
 one warm-up round: ORT with cache (prefill once, then one decode step per token), ORT without cache
 (the whole sequence through prefill.onnx every step), PyTorch eager with HF's cache. Reported per
@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--exporter", default="torchscript", choices=("torchscript", "dynamo"))
     ap.add_argument("--onnx-dir", help="keep/reuse the exported graphs here (default: a temporary folder)")
     a = ap.parse_args(argv)
 
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
     model = spec.build(seed=0)
     tmp = tempfile.TemporaryDirectory()
     onnx_dir = Path(a.onnx_dir) if a.onnx_dir else Path(tmp.name)
-    files = load_kv_decoder_files(onnx_dir) or export_kv_decoder(model, onnx_dir)
+    files = load_kv_decoder_files(onnx_dir) or export_kv_decoder(model, onnx_dir, exporter=a.exporter)
     ids = np.random.default_rng(0).integers(0, model.config.vocab_size, (a.batch, a.prompt)).astype(np.int64)
     runs: dict[str, list] = {"ort_kv_cache": [], "ort_no_cache": [], "torch_kv_cache": []}
     with OnnxKVDecoder(files, "ort-cpu", threads=a.threads) as dec:
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
             order = list(gens) if i % 2 == 0 else list(gens)[::-1]
             for k in order:
                 runs[k].append(gens[k]())
-    res = {"protocol": __doc__.strip().splitlines()[2:9], "model": spec.name, "params": param_count(model), "prompt": a.prompt,
+    res = {"protocol": __doc__.strip().splitlines()[2:9], "model": spec.name, "exporter": a.exporter, "params": param_count(model), "prompt": a.prompt,
            "new_tokens": a.new_tokens, "batch": a.batch, "threads": a.threads, "repeats": a.repeats}
     for k, rs in runs.items():
         res[k] = {"ttft_ms": float(np.median([r.ttft_s * 1e3 for r in rs])),
