@@ -83,7 +83,12 @@ def summarize(plan: Any) -> dict[str, Any]:
 
 
 def _g(x: float | None) -> str:
-    return "-" if x is None else f"{x / 1e9:.3f} GFLOPs"
+    if x is None:
+        return "-"
+    for scale, unit in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(x) >= scale:
+            return f"{x / scale:.4g} {unit}FLOPs"
+    return f"{x:.4g} FLOPs"
 
 
 def format_summary(s: dict[str, Any]) -> str:
