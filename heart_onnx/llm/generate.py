@@ -118,6 +118,7 @@ class OnnxKVDecoder:
         self.decode = make_runner(files.decode, backend, precision=precision, threads=threads, cache_dir=cache_dir, **kw_d)
         self._past_in = kv_names(L, "past")
         self._present = kv_names(L, "present")
+        self._dtypes: dict[int, dict[str, np.dtype]] = {}
 
     def __enter__(self) -> "OnnxKVDecoder":
         self.prefill.__enter__()
@@ -126,7 +127,16 @@ class OnnxKVDecoder:
         except BaseException:
             self.prefill.__exit__(None, None, None)
             raise
+        if self.backend == "trt":  # TensorRT 8.x engines take int32 ids/masks where the graph said int64
+            for r in (self.prefill, self.decode):
+                self._dtypes[id(r)] = {s.name: np.dtype(s.dtype) for s in r.input_specs()}
         return self
+
+    def _run(self, runner, feed: dict) -> dict:
+        dts = self._dtypes.get(id(runner))
+        if dts:
+            feed = {k: (v.astype(dts[k]) if k in dts and v.dtype != dts[k] else v) for k, v in feed.items()}
+        return runner.infer(feed)
 
     def __exit__(self, *exc) -> None:
         try:
@@ -139,12 +149,12 @@ class OnnxKVDecoder:
         self.decode.sync()
 
     def prefill_step(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        o = self.prefill.infer({"input_ids": input_ids, "attention_mask": attention_mask})
+        o = self._run(self.prefill, {"input_ids": input_ids, "attention_mask": attention_mask})
         return o["logits"], [o[n] for n in self._present]
 
     def decode_step(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         feed = {"input_ids": input_ids, "attention_mask": attention_mask, **dict(zip(self._past_in, past))}
-        o = self.decode.infer(feed)
+        o = self._run(self.decode, feed)
         return o["logits"], [o[n] for n in self._present]
 
     def generate(self, input_ids: np.ndarray, new_tokens: int) -> GenStats:
