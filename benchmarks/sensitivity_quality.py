@@ -17,10 +17,10 @@ Protocol
   measured loss of dropping it; Spearman per (input, layer), averaged. Hessian gate (default), HEART-ViT
   hidden-state erasure, and the baselines (cls attention, magnitude, Fisher, random) on the same inputs.
 - Tokens, groups: for each layer l < L-1 and keep count K, the predicted keep curve of the cls-attention
-  scorer (and the linear scorer) from the calibration split (the group's Gauss-Newton quadratic, cross
-  terms included) vs the measured mean loss on test images of dropping the N-K tokens that scorer drops;
-  Spearman over all (l, K) and the median ratio measured/predicted; also the plain sum of single-token
-  scores on the same test images (``diag_sum``), which ignores interactions.
+  scorer (and the linear scorer) from the calibration split (sum of single-token scores, the default
+  curve) vs the measured mean loss on test images of dropping the N-K tokens that scorer drops; Spearman
+  over all (l, K) and the median ratio measured/predicted; also the group's full Gauss-Newton quadratic
+  (``<scorer>_group`` curves, cross terms included) and the single-token sum on the test images themselves.
 
     OMP_NUM_THREADS=1 python benchmarks/sensitivity_quality.py --out artifacts/sensitivity_quality.json
 """
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
     preds = {
         "hessian_gate": analyze(a, [(xs, ys)], targets=("tokens",), holdout=0, **kw).token_per_input,
         "hessian_gate_hvp_probes": analyze(a, [(xs, ys)], targets=("tokens",), holdout=0, estimator="hvp", **kw).token_per_input,
-        "hessian_gate_exact": analyze(a, [(xs, ys)], targets=("tokens",), holdout=0, exact=True).token_per_input,
+        "hessian_gate_exact_hvp": analyze(a, [(xs, ys)], targets=("tokens",), holdout=0, exact=True).token_per_input,
         "hessian_hidden_exact (HEART-ViT)": analyze(a, [(xs, ys)], targets=("tokens",), holdout=0, exact=True,
                                                      token_mode="hidden").token_per_input,
     }
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     # held-out predictions for the same inputs, to compare measured against the exact curve definition
     sens_g = analyze(a, [xg], targets=("tokens",), holdout=0, **kw)
     for scorer in ("cls_attention", "linear"):
-        pred_c, meas_c, pred_h = [], [], []
+        pred_c, meas_c, pred_h, pred_g = [], [], [], []
         for l in range(L - 1):
             sc = cls_attention_scores(boxes[l].value, P) if scorer == "cls_attention" else \
                 linear_scores(hid[l], *sens.scorers[l], P)
@@ -154,10 +154,13 @@ def main(argv=None) -> int:
                 drop = torch.as_tensor(order[:, :N - K])
                 meas_c.append(float(measure.token_drop_losses(a, xg, l, drop).mean()))
                 pred_c.append(float(sens.token_keep_curves[scorer][l, K]))  # from calibration inputs
+                pred_g.append(float(sens.token_keep_curves.get(scorer + "_group", sens.token_keep_curves[scorer])[l, K]))
                 pred_h.append(float(np.take_along_axis(sens_g.token_per_input[:, l], order[:, :N - K], 1).sum(1).mean()))
-        pred_c, meas_c, pred_h = map(np.array, (pred_c, meas_c, pred_h))
+        pred_c, meas_c, pred_h, pred_g = map(np.array, (pred_c, meas_c, pred_h, pred_g))
         groups[scorer] = {"spearman_calib_curve_vs_measured": float(spearman(pred_c, meas_c)),
                           "median_ratio_measured_over_calib_curve": float(np.median(meas_c / np.maximum(pred_c, 1e-12))),
+                          "spearman_group_quadratic_calib_vs_measured": float(spearman(pred_g, meas_c)),
+                          "median_ratio_measured_over_group_quadratic": float(np.median(meas_c / np.maximum(pred_g, 1e-12))),
                           "spearman_diag_sum_same_inputs_vs_measured": float(spearman(pred_h, meas_c)),
                           "median_ratio_measured_over_diag_sum": float(np.median(meas_c / np.maximum(pred_h, 1e-12))),
                           "points": [[float(p), float(q)] for p, q in zip(pred_c, meas_c)]}

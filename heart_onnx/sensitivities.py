@@ -13,7 +13,11 @@ Arrays (any may be ``None`` when the target was not analysed):
 - ``token_keep_curve`` (L, N+1): entry ``[l, K]`` is the predicted mean loss increase when the run-time
   scorer named ``meta["token_scorer"]`` keeps ``K`` tokens (prefix included) after block ``l``: per input,
   the sum of the token scores of the ``N-K`` tokens the scorer drops, averaged over inputs. ``K < P`` is
-  ``nan``; ``[l, N] = 0``. ``token_keep_curves`` holds the same curve for every scorer that was fitted.
+  ``nan``; ``[l, N] = 0``. ``token_keep_curves`` holds the same curve for every scorer (``cls_attention``,
+  ``oracle`` = the Hessian order, ``linear`` = on held-out inputs) and, with the GGN estimator,
+  ``<scorer>_group``: the whole group's second-order quadratic, cross terms included. Both under-predict
+  large measured group drops on the demo ViT (see ``benchmarks/sensitivity_quality.py``): calibrate
+  against measurements (``heart_onnx.budget.calibrate``) before trusting absolute nats.
 - ``scorers`` {layer: (w (D,), b)}: fitted linear token scorers (see ``sensitivity/scorers.py``);
   ``scorer_quality``: JSON-able ranking quality of each scorer on held-out inputs;
 - ``pairs``: weight sensitivities (``sensitivity/pairs.py`` fills it), name -> array.

@@ -266,12 +266,14 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
                 ts = tp.scores(op, probes, probe_generator(seed, i, 1), exact).numpy()  # (B, L, N)
             per_token.append((i, ts))
             cls = np.stack([cls_attention_scores(b.value, P) for b in boxes], 1)  # (B, L, N)
-            def curve(sc):
-                if estimator == "ggn":  # the whole group's quadratic, cross terms included
-                    return group_curve_sums(tp.ggn_dots, tp.ggn_weights, sc, P)
-                return keep_curve_sums(ts, sc, P)
+            def add_curves(name, sc):
+                # main curve: sum of single-token scores (ranks measured group drops best, see
+                # benchmarks/sensitivity_quality.py); "<name>_group": the group's full GGN quadratic
+                curves[name] = curves.get(name, 0) + keep_curve_sums(ts, sc, P)
+                if estimator == "ggn":
+                    curves[name + "_group"] = curves.get(name + "_group", 0) + group_curve_sums(tp.ggn_dots, tp.ggn_weights, sc, P)
             for name, sc in (("cls_attention", cls), ("oracle", ts)):
-                curves[name] = curves.get(name, 0) + curve(sc)
+                add_curves(name, sc)
             if phase == 0:
                 if ridge_stats is None:
                     ridge_stats = [RidgeStats(tp.hidden[0].shape[-1]) for _ in layers]
@@ -282,8 +284,7 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
                 lin = np.stack([linear_scores(tp.hidden[j], *fitted[j], P) for j in layers], 1)  # (B, L, N)
                 q_cls.add(cls, ts, P)
                 q_lin.add(lin, ts, P)
-                c = curve(lin)
-                lin_curve = c if lin_curve is None else lin_curve + c
+                add_curves("linear", lin)
         params.clear()
 
     mine = set(D.shard(len(batches)))
@@ -321,8 +322,15 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
         S = tpi.shape[0]
         n_samples = S
         N = tpi.shape[-1]
-        for name in ("cls_attention", "oracle"):
-            sens.token_keep_curves[name] = D.all_reduce_sum(np.nan_to_num(curves.get(name, np.zeros((L, N + 1))), nan=0.0)) / S
+        n_h = 0
+        if n_hold:
+            state = D.all_reduce_sum(np.concatenate([q_cls.state(), q_lin.state()]))
+            n_h = int(state[-1])
+        names = ["cls_attention", "oracle"] + (["linear"] if n_hold else [])
+        names += [n + "_group" for n in names] if estimator == "ggn" else []
+        for name in names:
+            denom = n_h if name.startswith("linear") else S
+            sens.token_keep_curves[name] = D.all_reduce_sum(np.nan_to_num(curves.get(name, np.zeros((L, N + 1))), nan=0.0)) / max(denom, 1)
             sens.token_keep_curves[name][:, :P] = np.nan
         if n_hold:
             state = D.all_reduce_sum(np.concatenate([q_cls.state(), q_lin.state()]))
@@ -330,10 +338,6 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
             sens.scorer_quality = {"cls_attention": QualityAccumulator.report(state[:half]),
                                    "linear": QualityAccumulator.report(state[half:]),
                                    "held_out_batches": n_hold, "fit_batches": n_fit}
-            lc = D.all_reduce_sum(np.nan_to_num(lin_curve if lin_curve is not None else np.zeros((L, N + 1))))
-            n_h = max(1, sens.scorer_quality["linear"].get("n_inputs", 1))
-            sens.token_keep_curves["linear"] = lc / n_h
-            sens.token_keep_curves["linear"][:, :P] = np.nan
         sens.scorers = fitted
         chosen = token_scorer if token_scorer in sens.token_keep_curves else "cls_attention"
         sens.token_keep_curve = sens.token_keep_curves[chosen]
