@@ -273,6 +273,8 @@ class TegrastatsSampler(PowerSampler):
             self._thread.join(timeout=5)
             self._thread = None
         self._proc = None
+        if not self.samples and not self.reason:
+            self.reason = "tegrastats printed no power rails (JetPack 6 shows them only to root: run with sudo or use jtop)"
 
 
 class JtopSampler(PowerSampler):
@@ -338,6 +340,13 @@ class NvmlSampler(PowerSampler):
     def _read(self) -> PowerSample | None:
         mw = float(self._nvml.nvmlDeviceGetPowerUsage(self._handle))
         return PowerSample(time.perf_counter(), mw, {f"gpu{self.device_index}": mw})
+
+    def __del__(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:  # noqa: BLE001
+                pass
 
 
 def is_jetson() -> bool:
