@@ -70,7 +70,7 @@ def find_trtexec(explicit: str | None = None) -> str:
     for cand in (explicit, shutil.which("trtexec"), "/usr/src/tensorrt/bin/trtexec"):
         if cand and Path(cand).exists():
             return str(cand)
-    raise HeartError("trtexec not found: install TensorRT (JetPack ships /usr/src/tensorrt/bin/trtexec) or pass --trtexec PATH")
+    raise HeartError("trtexec not found: install TensorRT (JetPack ships /usr/src/tensorrt/bin/trtexec) or add its folder to PATH")
 
 
 class TrtexecRunner:
