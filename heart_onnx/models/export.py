@@ -59,17 +59,19 @@ class _Wrapped(nn.Module):
         self.as_kwargs = as_kwargs
         self.hf = hf
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+    def raw(self, *args: torch.Tensor) -> Any:
+        """The model's own output (a tensor, tuple or HF ``ModelOutput``); HF models without KV cache."""
         if self.as_kwargs:
             kw = dict(zip(self.names, args))
             if self.hf:
                 kw.setdefault("return_dict", True)
                 if _accepts(self.model, "use_cache"):
                     kw["use_cache"] = False
-            out = self.model(**kw)
-        else:
-            out = self.model(*args)
-        return main_output(out)
+            return self.model(**kw)
+        return self.model(*args)
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return main_output(self.raw(*args))
 
 
 def _accepts(model: nn.Module, arg: str) -> bool:
@@ -189,8 +191,7 @@ def export(
     model.eval()
     try:
         with torch.no_grad():
-            probe = wrapped.model(**dict(zip(names, args)), **({"return_dict": True} if hf else {})) if as_kwargs \
-                else wrapped.model(*args)
+            probe = wrapped.raw(*args)
         out_name = _output_name(probe)
         if external_data is None:
             external_data = _param_bytes(model) > EXTERNAL_DATA_BYTES
