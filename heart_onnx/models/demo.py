@@ -23,9 +23,14 @@ Outputs: logits (B, 10).
 Models
 ------
 - ``demo_vit()``: timm ``VisionTransformer`` (img 8, patch 2 -> 16 patches + class token = 17 tokens,
-  depth 4, dim 64, 8 heads of 16... see ``VIT_CONFIG``), class-token pooling.
+  depth 4, dim 64, 8 heads of head dim 8, MLP 128; ``VIT_CONFIG``), class-token pooling; 136,138
+  parameters. Shipped weights: 438/450 = 0.9733 held-out accuracy.
 - ``demo_cnn()``: ``DigitsResNet``: stem conv3x3 -> 3 stages of torchvision ``BasicBlock`` (16, 32, 64
-  channels; strides 1, 2, 2, 1x1-conv downsample where shape changes) -> global average pool -> fc.
+  channels; strides 1, 2, 2, 1x1-conv downsample where shape changes) -> global average pool -> fc;
+  77,754 parameters. Shipped weights: 449/450 = 0.9978 held-out accuracy.
+
+``weights/demo.json`` records these numbers, the split, seed, epochs, recipe and versions
+(``demo_meta()``); the tests recompute them.
 """
 from __future__ import annotations
 
