@@ -95,12 +95,13 @@ def _is_float(data_type: int) -> bool:
 
 
 def graph_flops(model: Any, dims: Mapping[str, int] | None = None, default_dim: int = 1,
-                base_dir: str | None = None) -> FlopsReport:
+                base_dir: str | None = None, shapes_out: dict | None = None) -> FlopsReport:
     """Count FLOPs/MACs/params of an ``onnx.ModelProto`` (external data need not be loaded).
 
     - ``dims``: default None; values for symbolic input dims by name, e.g. ``{"batch": 1, "seq": 128}``.
     - ``default_dim``: default 1; value for any other symbolic input dim (listed in ``assumptions``).
     - ``base_dir``: default None; folder of external data (read only if shape inference needs weights).
+    - ``shapes_out``: default None; a dict that receives the inferred value shapes (to reuse them).
     """
     from .surgery.match import infer_value_shapes
 
@@ -119,6 +120,8 @@ def graph_flops(model: Any, dims: Mapping[str, int] | None = None, default_dim: 
                 rep.assumptions.append(f"symbolic dim {name!r} of input {vi.name!r} taken as {default_dim}")
     # unnamed symbolic dims cannot be pinned by name: give them names first (on the light copy)
     shapes = infer_value_shapes(_named_dims(model, fixed), fixed_dims=fixed, base_dir=base_dir)
+    if shapes_out is not None:
+        shapes_out.update(shapes)
     init_shapes = {t.name: list(t.dims) for t in model.graph.initializer}
 
     def shape(name: str) -> list | None:

@@ -64,13 +64,14 @@ def inspect(path: str | os.PathLike, dims: Mapping[str, int] | None = None) -> d
         except json.JSONDecodeError as exc:
             plan = {"error": f"metadata {PLAN_KEY} is not valid JSON ({exc.msg})"}
     try:
-        rep = graph_flops(model, dims=dims, base_dir=str(p.parent))
+        shapes: dict = {}
+        rep = graph_flops(model, dims=dims, base_dir=str(p.parent), shapes_out=shapes)
     except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:
         raise HeartError(f"cannot count FLOPs of {p} ({type(exc).__name__}: {exc})") from None
     attention: list[dict[str, Any]] = []
     error = None
     try:
-        graph = import_graph(model, base_dir=str(p.parent))
+        graph = import_graph(model, base_dir=str(p.parent), shapes=shapes or None)
         attention = [b.summary() for b in find_attention_blocks(graph)]
     except UnsupportedGraph as exc:
         error = str(exc)

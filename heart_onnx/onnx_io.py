@@ -90,6 +90,22 @@ def _check_header(model: Any, path: Path) -> None:
                              "re-export with a supported opset or upgrade onnx")
 
 
+def _check_text(model: Any, path: Path) -> None:
+    """Names must be text: protobuf hands back ``bytes`` for invalid UTF-8 in proto2 string fields."""
+    def bad(*values: Any) -> bool:
+        return any(not isinstance(v, str) for v in values)
+
+    g = model.graph
+    items = [(p.key, p.value) for p in model.metadata_props] + [(model.producer_name, model.producer_version, g.name)]
+    items += [(n.name, n.op_type, n.domain, *n.input, *n.output, *(a.name for a in n.attribute)) for n in g.node]
+    items += [(t.name,) for t in g.initializer] + [(v.name,) for v in (*g.input, *g.output, *g.value_info)]
+    items += [(o.domain,) for o in model.opset_import]
+    for values in items:
+        if bad(*values):
+            raise HeartError(f"{path} is corrupt: it has names that are not valid UTF-8 text (damaged file?): "
+                             "export or copy it again")
+
+
 def _tensors(graph: Any, depth: int = 0) -> Any:
     """Every TensorProto in ``graph`` and its subgraphs (initializers and Constant attributes)."""
     if depth > 64:
@@ -193,6 +209,7 @@ def load_model(path: str | os.PathLike, load_external: bool = True, check: bool 
     model = _parse(data, p)
     del data
     _check_header(model, p)
+    _check_text(model, p)
     external = _check_tensors(model, p, check_external_files=True)
     if external and load_external:
         from onnx.external_data_helper import load_external_data_for_model

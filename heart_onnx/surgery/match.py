@@ -934,16 +934,19 @@ def _fill_residual(blk: AttentionBlock, graph: Any, order: dict) -> None:
 
 
 # ============================================================================ graph import / exporter
-def import_graph(model: Any, infer_shapes: bool = True, base_dir: str | None = None) -> Any:
+def import_graph(model: Any, infer_shapes: bool = True, base_dir: str | None = None,
+                 shapes: dict[str, tuple[Any, list]] | None = None) -> Any:
     """``gs.Graph`` of ``model`` with every tensor's shape filled by ONNX shape inference (data propagation).
 
     Shape inference runs on a light copy without the big initializers' data, so it is cheap and
     works for models over 2 GB. The model itself is not modified.
+
+    - ``shapes``: default None; the result of :func:`infer_value_shapes` if already computed.
     """
     gs = _gs()
     graph = gs.import_onnx(model)
     if infer_shapes:
-        shapes = infer_value_shapes(model, {}, base_dir)
+        shapes = shapes if shapes is not None else infer_value_shapes(model, {}, base_dir)
         for name, t in graph.tensors().items():
             if isinstance(t, gs.Variable) and name in shapes:
                 dtype, shape = shapes[name]
@@ -1004,6 +1007,12 @@ def _n_known(shape: list) -> int:
     return sum(isinstance(d, int) for d in shape)
 
 
+def _resolved(shape: list | None) -> bool:
+    """Every dim known: an int or a named input dim (not ONNX's ``unk__N`` placeholders)."""
+    return shape is not None and all(isinstance(d, int) or (isinstance(d, str) and not d.startswith("unk__"))
+                                     for d in shape)
+
+
 def _static(shape: list | None) -> bool:
     return shape is not None and all(isinstance(d, int) for d in shape)
 
@@ -1033,7 +1042,7 @@ def infer_value_shapes(model: Any, fixed_dims: dict[str, int] | None = None,
         inferred = light
     out = _collect(inferred)
     missing = [o for n in model.graph.node for o in n.output[:1] if n.op_type not in ("Constant",)
-               and not _static(out.get(o, (None, None))[1])]
+               and not _resolved(out.get(o, (None, None))[1])]
     if missing and (fixed_dims is not None or not any(True for vi in model.graph.input
                                                       for d in vi.type.tensor_type.shape.dim if d.dim_param)):
         more = _symbolic_shapes(model, fixed_dims or {}, base_dir)
