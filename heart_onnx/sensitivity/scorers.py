@@ -88,30 +88,44 @@ def topk_overlap(a: np.ndarray, b: np.ndarray, k: int) -> np.ndarray:
 
 
 class QualityAccumulator:
-    """Sums of per-input, per-layer Spearman and top-K overlap of a scorer against Hessian token scores."""
+    """Sums of per-input, per-layer Spearman and top-K overlap of a scorer against Hessian token scores.
+
+    Rows whose Hessian scores are all equal (e.g. after the last block of a class-token model, where
+    dropping tokens changes nothing) have no ranking and are skipped.
+    """
 
     def __init__(self, layers: int):
         self.sp = np.zeros(layers)
         self.ov = np.zeros(layers)
+        self.cnt = np.zeros(layers)
         self.n = 0
 
     def add(self, scorer: np.ndarray, hessian: np.ndarray, prefix: int) -> None:
         """``scorer``, ``hessian``: (B, L, N) (prefix columns ignored)."""
-        s, h = scorer[..., prefix:], hessian[..., prefix:]
+        s, h = scorer[..., prefix:], np.nan_to_num(hessian[..., prefix:])
         k = max(1, s.shape[-1] // 2)
-        self.sp += np.nan_to_num(spearman(s, h)).sum(0)
-        self.ov += topk_overlap(s, h, k).sum(0)
+        ok = (h.max(-1) - h.min(-1)) > 1e-12 * np.maximum(np.abs(h).max(-1), 1e-300)  # (B, L)
+        ok &= np.abs(h).max(-1) > 0
+        self.sp += np.where(ok, np.nan_to_num(spearman(s, h)), 0).sum(0)
+        self.ov += np.where(ok, topk_overlap(s, h, k), 0).sum(0)
+        self.cnt += ok.sum(0)
         self.n += s.shape[0]
 
     def state(self) -> np.ndarray:
-        return np.concatenate([self.sp, self.ov, [self.n]])
+        return np.concatenate([self.sp, self.ov, self.cnt, [self.n]])
 
     @staticmethod
     def report(state: np.ndarray) -> dict[str, Any]:
-        L = (len(state) - 1) // 2
-        n = state[-1]
+        L = (len(state) - 1) // 3
+        n, cnt = state[-1], state[2 * L:3 * L]
         if n == 0:
             return {}
-        sp, ov = state[:L] / n, state[L:2 * L] / n
-        return {"spearman": float(sp.mean()), "topk_overlap": float(ov.mean()), "spearman_per_layer": sp.tolist(),
-                "topk_overlap_per_layer": ov.tolist(), "n_inputs": int(n), "k": "half of the non-prefix tokens"}
+        with np.errstate(invalid="ignore", divide="ignore"):
+            sp, ov = state[:L] / cnt, state[L:2 * L] / cnt
+        valid = cnt > 0
+        return {"spearman": float(sp[valid].mean()) if valid.any() else float("nan"),
+                "topk_overlap": float(ov[valid].mean()) if valid.any() else float("nan"),
+                "spearman_per_layer": [float(x) if v else None for x, v in zip(sp, valid)],
+                "topk_overlap_per_layer": [float(x) if v else None for x, v in zip(ov, valid)],
+                "n_inputs": int(n), "k": "half of the non-prefix tokens",
+                "layers_scored": [int(i) for i in np.nonzero(valid)[0]]}
