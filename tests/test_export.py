@@ -123,11 +123,12 @@ def test_static_batch(tmp_path):
     _check(sess, a, a.example_inputs(2))
 
 
-def test_external_data_written_atomically(tmp_path):
+def test_external_data_written_atomically(tmp_path, monkeypatch):
     model = zoo.tiny_resnet()
     a = registry.adapt(model)
     out = tmp_path / "sub" / "ext.onnx"
-    p = ex.export(model, a.example_inputs(1), out, exporter="torchscript", external_data=True)
+    monkeypatch.setattr(ex, "EXTERNAL_DATA_BYTES", 10_000)  # automatic choice: this model counts as "large"
+    p = ex.export(model, a.example_inputs(1), out, exporter="torchscript")
     assert sorted(os.listdir(out.parent)) == ["ext.onnx", "ext.onnx.data"]
     m = onnx.load(str(p), load_external_data=False)
     locs = {e.value for t in m.graph.initializer for e in t.external_data if e.key == "location"}

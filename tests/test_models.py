@@ -185,6 +185,24 @@ def test_timm_attention_probs_restore_fused_flag():
         _ = type(cap)().value
 
 
+def test_hf_adapter_switches_sdpa_model_to_eager():
+    import transformers as tf
+
+    cfg = tf.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=32,
+                       patch_size=8, num_labels=10, attn_implementation="sdpa")
+    model = tf.ViTForImageClassification(cfg).eval()
+    assert model.config._attn_implementation == "sdpa"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x).logits
+    a = registry.adapt(model)
+    assert model.config._attn_implementation == "eager"
+    with torch.no_grad(), a.attention_probs(0) as cap:
+        after = a.forward(x)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(cap.value.sum(-1), torch.ones(2, 4, 17))
+
+
 def test_hvp_double_backward_through_attention():
     """Models built by the zoo support double backward (fused SDPA on CPU does not): grad of (g . v) exists."""
     for model in (zoo.tiny_vit(), zoo.tiny_pythia(), zoo.tiny_hf_vit()):
