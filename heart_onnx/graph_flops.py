@@ -17,9 +17,10 @@ Conventions (so numbers compare with analytic counts such as ViT-B/16 = 17.6 GMA
 - Symbolic input dims (a dynamic batch or sequence) are pinned to 1 unless ``dims`` names them;
   every pinned dim is listed in ``assumptions``. Nodes whose shapes stay unknown are listed in
   ``unknown`` and count 0. Nodes inside ``If``/``Loop`` subgraphs are not counted.
-- ``params``: elements of floating-point initializers and ``Constant`` node tensors (each tensor once,
-  by name; TorchScript de-duplicates equal tensors, e.g. the zero biases of a random-init model, so
-  its count can be lower than PyTorch's). Integer constants (shapes, indices) are ``int_constants``.
+- ``params``: elements of floating-point initializers and ``Constant`` node tensors with more than one
+  element (scalars such as a GELU's 0.5 or an attention scale are not parameters), each tensor once
+  by name. An exporter may store equal tensors once (TorchScript de-duplicates the zero biases of a
+  random-init model), so the count can be lower than PyTorch's. Integer constants (shapes, indices) are ``int_constants``.
 """
 from __future__ import annotations
 
@@ -137,9 +138,9 @@ def graph_flops(model: Any, dims: Mapping[str, int] | None = None, default_dim: 
             continue
         seen.add(t.name)
         n = math.prod(t.dims) if t.dims else 1
-        if _is_float(t.data_type):
+        if _is_float(t.data_type) and n > 1:
             rep.params += n
-        else:
+        elif not _is_float(t.data_type):
             rep.int_constants += n
     unknown: dict[str, int] = {}
     uncounted: dict[str, int] = {}
@@ -149,9 +150,9 @@ def graph_flops(model: Any, dims: Mapping[str, int] | None = None, default_dim: 
             for a in node.attribute:
                 if a.name == "value" and a.HasField("t"):
                     n = math.prod(a.t.dims) if a.t.dims else 1
-                    if _is_float(a.t.data_type):
+                    if _is_float(a.t.data_type) and n > 1:
                         rep.params += n
-                    else:
+                    elif not _is_float(a.t.data_type):
                         rep.int_constants += n
             const_names.update(node.output)
             continue
