@@ -293,7 +293,6 @@ def find_initializer_by_sha(graph: Any, sha: str) -> tuple[Any, bool] | None:
     table = getattr(graph, "_heart_sha_table", None)
     if table is None:
         table = {}
-        gs = _gs()
         seen: set[int] = set()
         for t in _all_constants(graph):
             if id(t) in seen:
@@ -305,7 +304,6 @@ def find_initializer_by_sha(graph: Any, sha: str) -> tuple[Any, bool] | None:
             table.setdefault(weight_sha(v), (t, False))
             if v.ndim == 2:
                 table.setdefault(weight_sha(v.T), (t, True))
-        del gs
         try:
             graph._heart_sha_table = table
         except AttributeError:
