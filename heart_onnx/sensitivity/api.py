@@ -287,7 +287,7 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
                 add_curves("linear", lin)
         params.clear()
 
-    mine = set(D.shard(len(batches)))
+    mine = set(D.shard(len(batches))) if (do_heads or do_tokens) else set()
     for phase, idx in ((0, range(n_fit)), (1, range(n_fit, len(batches)))):
         for i in idx:
             if i in mine:
@@ -344,6 +344,8 @@ def analyze(model_or_adapter, calib: Iterable, targets: Sequence[str] = ("heads"
         sens.meta["token_scorer"] = chosen
         sens.meta["holdout_batches"] = n_hold
         sens.meta["token_mode"] = token_mode
+    if not n_samples:
+        n_samples = sum(batch_size_of(split_batch(b)[0]) for b in batches)
     sens.meta["n_samples"] = int(n_samples)
     if "pairs" in targets:
         try:
