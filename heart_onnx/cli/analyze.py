@@ -30,7 +30,7 @@ def register(sub: Any) -> None:
     p.add_argument("--targets", default=None, metavar="LIST",
                    help="comma-separated heads,tokens,pairs (default: heads,tokens for ViTs, heads for LMs, pairs for CNNs)")
     p.add_argument("--method", default="hessian", help="hessian (default) or a baseline: magnitude, taylor, fisher, random, cls_attention")
-    p.add_argument("--probes", type=int, default=None, help="random-sign HVP probes, or sampled labels for the GGN estimator, per batch (default 16)")
+    p.add_argument("--probes", type=int, default=None, help="random-sign HVP probes, or sampled labels for the GGN estimator, per batch (default 32)")
     p.add_argument("--estimator", default="auto", choices=("auto", "ggn", "hvp"),
                    help="auto (default): ggn (output-space Gauss-Newton) for --loss kl, else hvp (random-sign HVP probes)")
     p.add_argument("--exact", action="store_true", help="one HVP per component instead of probes (slow reference)")
