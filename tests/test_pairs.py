@@ -363,3 +363,17 @@ def test_weight_sensitivities_on_tiny_vit_end_to_end():
         assert np.all((w.reshape(w.shape[0], -1, 4) != 0).sum(-1) == 2)
     for e in ents.values():
         assert np.all(np.isfinite(e["hdiag"])) and float(e["curvature"]) > 0
+
+
+def test_grouped_conv_has_no_gram_and_still_merges():
+    """Depthwise convs have no shared reduction axis: no Gram, camp falls back to zeroing (coef 0)."""
+    from heart_onnx.models.zoo import tiny_mobilenetv2
+
+    torch.manual_seed(0)
+    model = tiny_mobilenetv2().eval()
+    ents = weight_sensitivities(model, [torch.randn(2, 3, 32, 32)], probes=1, power_iters=1, channel=False)
+    dw = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
+    assert dw and all("gram" not in ents[f"{n}.weight"] for n in dw)
+    e = ents[f"{dw[0]}.weight"]
+    m = pairing.make_merge(e, "unstructured", 0.5)
+    assert np.all(m.coef == 0) and len(m.pruned) > 0

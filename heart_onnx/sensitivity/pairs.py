@@ -10,7 +10,7 @@ For every prunable weight ``W`` the adapter lists (``adapter.weights()``; key ``
   calibration batch (``power_iters``, 0 to skip: then no clipping);
 - ``gram``: ``E[x x^T]`` of the layer's input along the reduction axis (Linear: the input features over
   every token; Conv: the unfolded ``in*kh*kw`` patches over every position) when that axis has at most
-  ``max_gram`` entries; it gives the merge coefficient and the off-diagonal curvature (see
+  ``max_gram`` entries and the layer is not a grouped (depthwise) conv; it gives the merge coefficient and the off-diagonal curvature (see
   ``heart_onnx.pairing``);
 - for each ``adapter.channel_pairs()`` producer: the consumer's weight, ``consumer_hdiag``,
   ``consumer_curvature`` and ``consumer_gram`` (``E[a a^T]`` over the consumer's input *channels*).
@@ -159,7 +159,8 @@ def weight_sensitivities(model: nn.Module | ModelAdapter, calib: Iterable[Any], 
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
-    grams = {n: _GramHook(mods[n], "reduction") for n in names if _reduction_size(mods[n]) <= max_gram}
+    grams = {n: _GramHook(mods[n], "reduction") for n in names  # grouped convs: no shared reduction axis
+             if _reduction_size(mods[n]) <= max_gram and getattr(mods[n], "groups", 1) == 1}
     cgrams = {cp.consumer: _GramHook(all_mods[cp.consumer], "channel") for cp in pairs}
     consumer_params = [all_mods[cp.consumer].weight for cp in pairs]
     extra = [p for p in consumer_params if all(p is not q for q in params)]
