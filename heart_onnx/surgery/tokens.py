@@ -251,6 +251,7 @@ def insert_token_stage(graph: Any, x: Any, spec: StageSpec, plan: Plan, *, hidde
                     if shape[2] == N:
                         cur = _gather_mask_axis(b, cur, idx, bshape, 2, P, N, fuse, spec.n_out if shape[3] == N else 1,
                                                 int32_indices)
+                    cur.shape = [shape[0], shape[1]] + [spec.n_out if d == N else d for d in shape[2:]]
                     done[id(m)] = cur
             node.inputs[i] = done[id(m)]
     return new_x
