@@ -291,3 +291,24 @@ def test_merge_weights_checks_sha_and_restores():
     other = tiny_vit()  # different random init
     with pytest.raises(PlanMismatch):
         merged(other, merges)
+
+
+def test_mobilenetv2_chain_pairs_real_sensitivities(tmp_path):
+    """End to end on a tiny MobileNetV2 (project conv -> BN -> next expand conv pairs, depthwise convs):
+    sensitivities -> merges -> surgery found by plan anchors (BN folded) == masked reference."""
+    from heart_onnx.models.registry import adapt
+    from heart_onnx.models.zoo import tiny_mobilenetv2
+    from heart_onnx.sensitivity.pairs import weight_sensitivities
+
+    torch.manual_seed(0)
+    model = tiny_mobilenetv2().eval()
+    ad = adapt(model)
+    assert ad.channel_pairs()
+    ents = weight_sensitivities(ad, [torch.randn(4, 3, 32, 32)], probes=2, power_iters=2)
+    merges = tuple(pairing.make_merge(e, "channel", 0.5) for e in ents.values() if pairing.supports(e, "channel"))
+    merges += tuple(pairing.make_merge(e, "2:4", 0.5) for n, e in ents.items()
+                    if pairing.supports(e, "2:4") and n not in {m.weight for m in merges} | {m.consumer for m in merges})
+    path = _export(model, torch.randn(1, 3, 32, 32), tmp_path / "mnv2.onnx", "dynamo")
+    out = surgery_anchors(path, merges, pairing.anchors_for(merges, ents))
+    check_equal(merged(model, merges), out, lambda b: torch.randn(b, 3, 32, 32))
+    assert n_params(onnx.load(str(path))) > n_params(out)
