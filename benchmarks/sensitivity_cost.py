@@ -172,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-vit-b", action="store_true")
+    ap.add_argument("--skip-demo", action="store_true")
+    ap.add_argument("--vit-b-batch", type=int, default=None, help="batch for ViT-B/16 (default --batch)")
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lm-batch", type=int, default=1)
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -187,9 +189,10 @@ def main(argv=None) -> int:
     if "time" in args.what:
         from heart_onnx.models import demo, zoo
 
-        res["demo_vit"] = time_model("demo_vit", demo.demo_vit(), args.batch, dev, args.repeats)
+        if not args.skip_demo:
+            res["demo_vit"] = time_model("demo_vit", demo.demo_vit(), args.batch, dev, args.repeats)
         if not args.skip_vit_b:
-            res["vit_b_16"] = time_model("vit_b_16", zoo.build("vit_b_16"), args.batch, dev, args.repeats)
+            res["vit_b_16"] = time_model("vit_b_16", zoo.build("vit_b_16"), args.vit_b_batch or args.batch, dev, args.repeats)
     if "memory" in args.what:
         res["pythia_160m"] = []
         for mode in ("hvp-chunked", "hvp-naive", "ggn"):
