@@ -43,7 +43,7 @@ def exported(tmp_factory, cache: dict, name: str, exporter: str):
 def plan_for(m, a, heads=None, stages=(), scorer="cls_attention", fuse=False, seed=1) -> Plan:
     rng = np.random.default_rng(seed)
     D = a.hidden_size
-    scorers = {t.after_layer: (tuple(rng.standard_normal(D).tolist()), 0.1) for t in stages} if scorer == "linear" else {}
+    scorers = {l: (tuple(rng.standard_normal(D).tolist()), 0.1) for l, _ in stages} if scorer == "linear" else {}
     return Plan(fingerprint=fingerprint(m), family=a.family, geometry=a.geometry(), heads=heads or {},
                 tokens=tuple(TokenStage(l, k) for l, k in stages), token_scorer=scorer, scorers=scorers,
                 fuse_dropped=fuse, prefix_tokens=a.prefix_tokens)
