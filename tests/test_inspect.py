@@ -61,9 +61,11 @@ def test_every_family_table(family, capsys):
     assert f"attention  {layers} blocks" in out and "params" in out and "FLOPs" in out
 
 
-def test_pythia_flops_with_dims():
-    model, adapter, path = exported("pythia", "torchscript")
+@pytest.mark.parametrize("exporter", ["torchscript", "dynamo"])
+def test_pythia_flops_with_dims(exporter):
+    model, adapter, path = exported("pythia", exporter)
     info = inspect(path)
+    assert info["flops"]["unknown"] == []
     d, n, ff, vocab, layers = 32, 16, 64, adapter.vocab_size, 2
     block = n * d * 3 * d + 2 * n * n * d + n * d * d + 2 * n * d * ff
     assert info["macs"] == layers * block + n * d * vocab

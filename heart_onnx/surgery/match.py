@@ -1005,10 +1005,11 @@ def _n_known(shape: list) -> int:
     return sum(isinstance(d, int) for d in shape)
 
 
-def _resolved(shape: list | None) -> bool:
-    """Every dim known: an int or a named input dim (not ONNX's ``unk__N`` placeholders)."""
-    return shape is not None and all(isinstance(d, int) or (isinstance(d, str) and not d.startswith("unk__"))
-                                     for d in shape)
+def _resolved(shape: list | None, pinned: dict | None = None) -> bool:
+    """Every dim known: an int or a named input dim that is not pinned (not ONNX's ``unk__N`` placeholders)."""
+    return shape is not None and all(
+        isinstance(d, int) or (isinstance(d, str) and not d.startswith("unk__") and d not in (pinned or {}))
+        for d in shape)
 
 
 def _static(shape: list | None) -> bool:
@@ -1029,8 +1030,8 @@ def infer_value_shapes(model: Any, fixed_dims: dict[str, int] | None = None,
     import onnx
 
     light = light_model(model)
-    if fixed_dims:
-        for vi in light.graph.input:
+    if fixed_dims:  # pin the dims everywhere the file records them (inputs, outputs, value_info)
+        for vi in (*light.graph.input, *light.graph.output, *light.graph.value_info):
             for d in vi.type.tensor_type.shape.dim:
                 if d.HasField("dim_param") and d.dim_param in fixed_dims:
                     d.dim_value = int(fixed_dims[d.dim_param])
@@ -1040,7 +1041,7 @@ def infer_value_shapes(model: Any, fixed_dims: dict[str, int] | None = None,
         inferred = light
     out = _collect(inferred)
     missing = [o for n in model.graph.node for o in n.output[:1] if n.op_type not in ("Constant",)
-               and not _resolved(out.get(o, (None, None))[1])]
+               and not _resolved(out.get(o, (None, None))[1], fixed_dims)]
     if missing and (fixed_dims is not None or not any(True for vi in model.graph.input
                                                       for d in vi.type.tensor_type.shape.dim if d.dim_param)):
         more = _symbolic_shapes(model, fixed_dims or {}, base_dir)
