@@ -59,3 +59,18 @@ def test_trt_rules_flag_violations():
                                                 helper.make_tensor_value_info("nz", TensorProto.INT64, None)])
     bad = check_trt_rules(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]))
     assert any("K is computed" in b for b in bad) and any("sorted=0" in b for b in bad) and any("NonZero" in b for b in bad)
+
+
+@pytest.mark.parametrize("exporter,scorer", [("dynamo", "linear"), ("torchscript", "cls_attention")])
+def test_bert_tokens_with_padding(tmp_path_factory, tmp_path, exporter, scorer):
+    """BERT: heads + two token stages + fused token; the padding mask is gathered with the tokens."""
+    m, a, path = exported(tmp_path_factory, _CACHE, "bert", exporter)
+    plan = plan_for(m, a, heads={0: (1,), 1: (0, 2)}, stages=((0, 12), (1, 7)), scorer=scorer, fuse=True)
+    out = prune(path, plan, tmp_path / "p.onnx")
+    batches = []
+    for b in (1, 8):
+        x = a.example_inputs(b)  # 16 tokens
+        x["attention_mask"][0, -3:] = 0
+        batches.append(x)
+    res = verify(out, a, plan, inputs=batches)
+    assert res, str(res)

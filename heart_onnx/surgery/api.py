@@ -3,8 +3,8 @@
 Steps: load (``heart_onnx.onnx_io``) -> check the plan belongs to this model (the export's
 ``heart_onnx.fingerprint`` metadata, the plan's weight anchors, the number of layers, heads, head
 size, width and token count) -> find the attention blocks (``surgery.match``) -> weight merges
-(``surgery.pairs.apply_merges``, done first so they find the weights the plan hashed) -> heads
-(``surgery.heads``) -> tokens (``surgery.tokens``) -> ``cleanup().toposort()`` ->
+(``surgery.pairs.apply_merges``, done first so they find the weights the plan hashed) -> tokens
+(``surgery.tokens``) -> heads (``surgery.heads``) -> ``cleanup().toposort()`` ->
 ``onnx.checker.check_model(full_check=True)`` + shape inference -> the plan recorded in
 ``metadata_props["heart_onnx.plan"]`` -> an ONNX Runtime smoke run on random inputs -> written
 atomically, never over the input.
@@ -104,9 +104,6 @@ def prune_model(model: Any, plan: Plan, *, int32_indices: bool = False, check: b
         from .pairs import apply_merges
 
         apply_merges(graph, plan.merges)
-    if any(plan.heads.values()):
-        layout = "head_qkv" if blocks[0].layout == "neox_interleaved" else "qkv_head"
-        remove_heads(graph, mine, plan.heads, num_heads=H, head_dim=Dh, hidden=D, layout=layout)
     if plan.tokens:
         if plan.family == "gpt_neox":
             raise HeartError("token pruning is for encoders (ViT, BERT): remove the token stages from this GPT-NeoX plan")
@@ -114,6 +111,11 @@ def prune_model(model: Any, plan: Plan, *, int32_indices: bool = False, check: b
             raise UnsupportedGraph("the graph's sequence length is not static: export with heart-onnx export (dynamo), or "
                                    "fold it with 'polygraphy surgeon sanitize --fold-constants'")
         insert_token_stages(graph, plan, block_out, soft, seq_len=seq, hidden=D, int32_indices=int32_indices)
+    # heads after tokens: both passes rewrite shape constants by value, and the head pass's new widths
+    # (H'*Dh) could equal a token count; token counts equal to H are far rarer
+    if any(plan.heads.values()):
+        layout = "head_qkv" if blocks[0].layout == "neox_interleaved" else "qkv_head"
+        remove_heads(graph, mine, plan.heads, num_heads=H, head_dim=Dh, hidden=D, layout=layout)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     clear_shapes(graph)
     out = gs.export_onnx(graph)
