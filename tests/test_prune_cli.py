@@ -41,3 +41,36 @@ def test_prune_refuses_other_model_and_same_output(tmp_path, capsys):
     rc = main(["prune", str(tmp_path / "m.onnx"), str(tmp_path / "plan2.json"), "-o", str(tmp_path / "m.onnx")])
     assert rc == 1 and "same as" in capsys.readouterr().err
     assert not (tmp_path / "p.onnx").exists()
+
+
+def test_demo_vit_accuracy_pruned_onnx_equals_masked(tmp_path):
+    """Demo ViT (shipped weights): held-out accuracy (digits test split, 450 images) of the pruned ONNX
+    model equals the masked PyTorch model's; predictions agree on every image."""
+    import numpy as np
+    import onnxruntime as ort
+    import pytest
+
+    from heart_onnx.errors import HeartError
+    from heart_onnx.models import demo
+    from heart_onnx.models.masking import apply_plan
+    from heart_onnx.models.registry import adapt
+    from heart_onnx.surgery.api import prune
+
+    try:
+        m = demo.demo_vit()
+    except HeartError as exc:
+        pytest.skip(f"demo weights not available: {exc}")
+    a = adapt(m)
+    _, _, x, y = demo.digits_split()
+    export(m, x[:2], tmp_path / "d.onnx")
+    H, N = a.num_heads, a.seq_len
+    plan = plan_for(m, a, heads={0: (0,), 1: (H - 1,)}, stages=((0, max(a.prefix_tokens + 1, N - N // 3)),), fuse=True)
+    out = prune(tmp_path / "d.onnx", plan, tmp_path / "p.onnx")
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    got = np.concatenate([sess.run(None, {sess.get_inputs()[0].name: x[i:i + 150].numpy()})[0] for i in range(0, len(x), 150)])
+    with torch.no_grad(), apply_plan(a, plan):
+        ref = torch.cat([a.forward(x[i:i + 150]) for i in range(0, len(x), 150)]).numpy()
+    acc_onnx = float((got.argmax(-1) == y.numpy()).mean())
+    acc_ref = float((ref.argmax(-1) == y.numpy()).mean())
+    assert acc_onnx == acc_ref
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
