@@ -72,9 +72,12 @@ class BudgetTuner:
         from ..sensitivity.api import analyze
         from ..sensitivities import Sensitivities
 
+        from ..models.fingerprint import fingerprint
+
         model = demo_vit()
         _, _, x_test, y_test = digits_split()
-        cache = Path(tempfile.gettempdir()) / "heart-onnx-cache" / f"demo_vit.{n_calib}.sens.npz"
+        # keyed by the weights' fingerprint: new demo weights never reuse stale sensitivities
+        cache = Path(tempfile.gettempdir()) / "heart-onnx-cache" / f"demo_vit.{fingerprint(model)[:16]}.{n_calib}.sens.npz"
         if cache.is_file():
             sens = Sensitivities.load(cache)
         else:
