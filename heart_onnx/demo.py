@@ -110,12 +110,12 @@ def _bench(dense: Path, pruned: Path, batch: int, repeats: int) -> tuple[float, 
 
 
 def run_demo(out_dir: str | Path = "heart-onnx-demo", budgets: tuple[float, ...] = DEFAULT_BUDGETS,
-             n_calib: int = 128, finetune_epochs: int = 8, bench_batch: int = 64, bench_repeats: int = 30,
+             n_calib: int = 128, finetune_epochs: int = 4, bench_batch: int = 64, bench_repeats: int = 30,
              cnn: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the demo; returns the JSON-able summary (also written to ``out_dir/summary.json``).
 
     Options (defaults): ``out_dir="heart-onnx-demo"``; ``budgets=(0.01, 0.03, 0.1)`` nats;
-    ``n_calib=128`` calibration images; ``finetune_epochs=8``; ``bench_batch=64``, ``bench_repeats=30``
+    ``n_calib=128`` calibration images; ``finetune_epochs=4``; ``bench_batch=64``, ``bench_repeats=30``
     for the ONNX Runtime timing; ``cnn=True`` runs the weight-pair part on the demo CNN.
     """
     import torch
@@ -146,6 +146,13 @@ def run_demo(out_dir: str | Path = "heart-onnx-demo", budgets: tuple[float, ...]
     t0 = time.perf_counter()
     sens = analyze(model, calib, targets=("heads", "tokens"))
     t_analyze = time.perf_counter() - t0
+    from .calibration import calibrate_on_data
+    from .data import concat_batches
+
+    x_calib, _ = concat_batches(calib)
+    cal = calibrate_on_data(model, sens, x_calib)
+    log(f"      calibrated the planner on {len(cal['points'])} measured plans (calibration images): "
+        + ", ".join(f"{t} {cal.get(t, 1.0):.3g} x^{cal.get('exponents', {}).get(t, 1):.2f}" for t in ("heads", "tokens")))
     sens.save(out / "demo_vit.sens.npz")
     curve = budget_mod.pareto(sens, ["heads", "tokens"])
     plans = [(f"ViT budget {b:g}", b, curve.to_plan(b)) for b in budgets]
@@ -203,7 +210,7 @@ def run_demo(out_dir: str | Path = "heart-onnx-demo", budgets: tuple[float, ...]
     # ---------------------------------------------------------------- CNN: weight-pair merging
     cnn_rows: list[dict[str, Any]] = []
     if cnn:
-        log("[5/6] demo CNN: CAMP-HiVe weight-pair merging (Hessian diagonal + curvature), 50% unstructured")
+        log("[5/6] demo CNN: CAMP-HiVe weight-pair merging (Hessian diagonal + curvature), 50% unstructured and 2:4")
         cmodel = demo_cnn()
         ccalib = load_data("digits", cmodel, n=n_calib, batch_size=32, split="calib")
         csens = analyze(cmodel, ccalib, targets=("pairs",))
@@ -213,8 +220,9 @@ def run_demo(out_dir: str | Path = "heart-onnx-demo", budgets: tuple[float, ...]
 
         ents = entries(csens.pairs)
         for sparsity, gran in ((0.5, "unstructured"), (0.5, "2:4")):
+            # the stem conv (1-3 input channels) stays dense, as is customary for sparse CNNs
             merges = tuple(make_merge(e, gran, sparsity, method="camp", name=n) for n, e in sorted(ents.items())
-                           if _supports(e, gran))
+                           if _supports(e, gran) and int(np.asarray(e["shape"])[1]) > 3)
             cplan = _cnn_plan(csens, merges)
             cpath = prune(cdense, cplan, out / f"demo_cnn.merged-{gran.replace(':', 'of')}.onnx")
             m_logits = _run(_ort(cpath), xt)
@@ -229,6 +237,7 @@ def run_demo(out_dir: str | Path = "heart-onnx-demo", budgets: tuple[float, ...]
     files = _plots(out, curve, rows, sens)
     summary = {
         "vit": {"accuracy_dense": acc_dense, "analyze_seconds": t_analyze, "calibration_images": n_calib,
+                "calibration": {k: v for k, v in cal.items() if k != "points"},
                 "held_out": f"digits test split, {len(yt)} images (train_test_split test_size=0.25, random_state=0, stratified)",
                 "rows": [r.__dict__ for r in rows], "finetune": ft},
         "cnn": cnn_rows,

@@ -16,8 +16,8 @@ def register(sub) -> None:
     p.add_argument("--budgets", default="0.01,0.03,0.1", metavar="B,B,...",
                    help="loss budgets in nats of mean calibration loss (default: 0.01,0.03,0.1)")
     p.add_argument("--calib", type=int, default=128, metavar="N", help="calibration images (default: 128)")
-    p.add_argument("--finetune-epochs", type=int, default=8, metavar="N",
-                   help="fine-tuning epochs for the >= 40%% FLOPs plan, 0 to skip (default: 8)")
+    p.add_argument("--finetune-epochs", type=int, default=4, metavar="N",
+                   help="fine-tuning epochs for the >= 40%% FLOPs plan, 0 to skip (default: 4)")
     p.add_argument("--bench-batch", type=int, default=64, metavar="N", help="batch for the latency comparison (default: 64)")
     p.add_argument("--no-cnn", action="store_true", help="skip the weight-pair merging part on the demo CNN")
     add_json_flag(p)

@@ -81,7 +81,12 @@ class BudgetTuner:
         if cache.is_file():
             sens = Sensitivities.load(cache)
         else:
-            sens = analyze(model, load_data("digits", model, n=n_calib, batch_size=16, split="calib"), targets=("heads", "tokens"))
+            from ..calibration import calibrate_on_data
+            from ..data import concat_batches
+
+            calib = load_data("digits", model, n=n_calib, batch_size=16, split="calib")
+            sens = analyze(model, calib, targets=("heads", "tokens"))
+            calibrate_on_data(model, sens, concat_batches(calib)[0])  # predictions in measured nats
             sens.save(cache)
         return cls(sens, model=model, heldout=(x_test, y_test), **kw)
 

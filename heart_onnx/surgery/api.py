@@ -47,7 +47,10 @@ def _check_identity(model: Any, plan: Plan) -> None:
 def _check_anchors(graph: Any, plan: Plan) -> None:
     from .match import find_initializer_by_sha
 
-    missing = [name for name, sha in plan.anchors.items() if find_initializer_by_sha(graph, sha) is None]
+    # "<name>:rowsign" anchors locate Convs whose BatchNorm the exporter folded (their sha changed):
+    # such a weight is checked by its row signature when its merge is applied
+    missing = [name for name, sha in plan.anchors.items()
+               if ":" not in name and f"{name}:rowsign" not in plan.anchors and find_initializer_by_sha(graph, sha) is None]
     if missing:
         raise PlanMismatch(f"this plan was made for another model: {len(missing)} of its {len(plan.anchors)} anchor "
                            f"weights (e.g. {missing[0]}) are not in this graph; re-run 'heart-onnx plan' on this model")
@@ -103,7 +106,7 @@ def prune_model(model: Any, plan: Plan, *, int32_indices: bool = False, check: b
     if plan.merges:
         from .pairs import apply_merges
 
-        apply_merges(graph, plan.merges)
+        apply_merges(graph, plan.merges, anchors=plan.anchors)
     if plan.tokens:
         if plan.family == "gpt_neox":
             raise HeartError("token pruning is for encoders (ViT, BERT): remove the token stages from this GPT-NeoX plan")
