@@ -24,18 +24,31 @@ __version__ = "0.1.0"
 _LAZY = {
     "analyze": "heart_onnx.sensitivity.api:analyze",
     "Sensitivities": "heart_onnx.sensitivities:Sensitivities",
-    "plan": "heart_onnx.budget:plan",
     "pareto": "heart_onnx.budget:pareto",
     "export": "heart_onnx.models.export:export",
     "adapt": "heart_onnx.models.registry:adapt",
     "inspect": "heart_onnx.inspect:inspect",
     "prune": "heart_onnx.surgery.api:prune",
+    "calibrate": "heart_onnx.budget:calibrate",
+    "predict": "heart_onnx.budget:predict",
+    "calibrate_on_data": "heart_onnx.calibration:calibrate_on_data",
+    "CompareResult": "heart_onnx.verify:CompareResult",
+    "finetune": "heart_onnx.finetune:finetune",
     "verify": "heart_onnx.verify:verify",
     "apply_plan": "heart_onnx.models.masking:apply_plan",
     "benchmark": "heart_onnx.runtime.api:benchmark",
 }
 
-__all__ = ["HeartError", "MissingDependency", "PlanMismatch", "UnsupportedGraph", "Plan", "TokenStage", "WeightMerge", *_LAZY]
+
+
+def plan(sens, budget, *args, **kwargs):  # noqa: F811 - the function shadows the heart_onnx.plan module name
+    """The plan that maximises FLOPs saved within ``budget`` nats (see :func:`heart_onnx.budget.plan`)."""
+    from .budget import plan as _plan
+
+    return _plan(sens, budget, *args, **kwargs)
+
+
+__all__ = ["plan", "HeartError", "MissingDependency", "PlanMismatch", "UnsupportedGraph", "Plan", "TokenStage", "WeightMerge", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

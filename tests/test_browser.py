@@ -39,8 +39,7 @@ def lab(tmp_path_factory, demo_onnx_factory):
     with jupyter_server(root, app="jupyterlab", timeout=120) as (base, token):
         with sync_api.sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            yield root, base, token, page
+            yield root, base, token, browser
             browser.close()
     del lab_dir
 
@@ -60,7 +59,8 @@ def _wait_idle(page, timeout=240_000):
 
 
 def test_quickstart_runs_and_tuner_follows_slider(lab):
-    root, base, token, page = lab
+    root, base, token, browser = lab
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
     page.goto(f"{base}/lab/tree/quickstart.ipynb?token={token}")
     page.wait_for_selector(".jp-Notebook .jp-Cell", timeout=120_000)
     # the kernel must be up before "Run All Cells" (the status bar shows "... | Idle")
@@ -107,15 +107,22 @@ def test_quickstart_runs_and_tuner_follows_slider(lab):
 
 
 def test_onnx_file_opens_in_viewer_with_head_count(lab):
-    root, base, token, page = lab
+    root, base, token, browser = lab
+    page = browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
     from heart_onnx.models.demo import demo_vit
 
     model = demo_vit()
     heads, layers = model.blocks[0].attn.num_heads, len(model.blocks)
-    page.goto(f"{base}/lab/tree?token={token}")
+    page.goto(f"{base}/lab?token={token}")
     item = page.locator(".jp-DirListing-item", has_text="demo_vit.onnx").first
     item.wait_for(timeout=120_000)
-    item.dblclick()
+    try:
+        item.dblclick()
+        table = page.locator(".jp-HeartOnnxViewer table[data-heart-onnx='attention']").first
+        table.wait_for(timeout=60_000)
+    except Exception:
+        page.screenshot(path=str(ARTIFACTS / "viewer-timeout.png"), full_page=True)
+        raise
     table = page.locator(".jp-HeartOnnxViewer table[data-heart-onnx='attention']").first
     table.wait_for(timeout=60_000)
     rows = table.locator("tr")
