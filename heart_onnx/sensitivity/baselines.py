@@ -135,3 +135,45 @@ def baseline(adapter, calib: Iterable, method: str = "magnitude", targets: Seque
         sens.token_per_input = np.concatenate(toks, 0)
     sens.meta["n_samples"] = int((sens.head_per_input if heads else sens.token_per_input).shape[0])
     return sens
+
+
+def plannable(sens: Sensitivities, scorer_scores: np.ndarray | None = None, scorer: str = "cls_attention",
+              normalise: str | bool = "auto", head_from: Sensitivities | None = None) -> Sensitivities:
+    """Baseline scores in the form the planner reads: ``head`` (L, H) and ``token_keep_curve(s)`` (L, N+1).
+
+    ``scorer_scores`` (S, L, N): the run-time token scorer's values on the same inputs (e.g. the
+    ``token_per_input`` of ``baseline(..., method="cls_attention")``): the keep curve entry ``[l, K]`` is the
+    mean over inputs of the method's scores of the ``N-K`` tokens that scorer drops (``tokens.keep_curve_sums``,
+    the rule ``analyze`` uses for Hessian scores), stored under ``scorer`` (default ``"cls_attention"``).
+    ``normalise`` (default ``"auto"``: when ``meta["units"]`` is not nats): scale heads so all heads sum to 1
+    and tokens so the mean over inputs of all tokens of all layers sums to 1, so that heads and tokens of a
+    ranking-only method (magnitude, random, class-token attention) trade off by their *share* of the total.
+    ``head_from`` (default None): take ``head`` from these sensitivities instead (e.g. class-token attention
+    has no head scores). Returns a new ``Sensitivities`` (same meta, ``meta["plannable"]`` records the choices).
+    """
+    from .tokens import keep_curve_sums
+
+    if normalise == "auto":
+        normalise = sens.meta.get("units") != "nats" or (head_from is not None and head_from.meta.get("units") != "nats")
+    P = int((sens.meta.get("geometry") or {}).get("prefix_tokens", 0) or 0)
+    out = Sensitivities(meta={**sens.meta, "plannable": {"scorer": scorer, "normalise": bool(normalise),
+                                                         "heads_from": (head_from or sens).meta.get("method")}})
+    src = head_from if head_from is not None else sens
+    if src.head is not None:
+        h = np.clip(np.nan_to_num(np.asarray(src.head, np.float64)), 0.0, None)
+        out.head = h / max(h.sum(), 1e-300) if normalise else h
+        out.head_per_input = src.head_per_input
+    if sens.token_per_input is not None:
+        if scorer_scores is None:
+            raise HeartError("token keep curves need the run-time scorer's scores on the same inputs (scorer_scores)")
+        t = np.clip(np.asarray(sens.token_per_input, np.float64), 0.0, None)  # (S, L, N), prefix nan
+        if t.shape != np.shape(scorer_scores):
+            raise HeartError(f"scorer scores have shape {np.shape(scorer_scores)}, token scores {t.shape}: score the same inputs")
+        if normalise:
+            t = t / max(float(np.nansum(t)) / t.shape[0], 1e-300)
+        curve = keep_curve_sums(t, np.asarray(scorer_scores, np.float64), P) / t.shape[0]
+        curve[:, :P] = np.nan
+        out.token_per_input = t
+        out.token_keep_curve = curve
+        out.token_keep_curves = {scorer: curve}
+    return out

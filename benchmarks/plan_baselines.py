@@ -1,0 +1,164 @@
+"""Hessian plans vs baseline plans at fixed FLOPs reductions (demo ViT, digits, no fine-tuning).
+
+Protocol
+--------
+- Model: the shipped demo ViT (``heart_onnx.models.demo.demo_vit()``; 4 blocks x 8 heads, 17 tokens), or
+  ``--weights``. Nothing is fine-tuned.
+- Scores on the calibration data ``heart_onnx.data.load_data("digits", model, split=--split)`` (default
+  ``val`` when that split exists, else ``calib``: 256 training images), batches of 32.
+- Methods (each gives its own head scores and token keep curve; same planner, same FLOPs model, same token
+  rule at run time: the class-token-attention scorer picks WHICH tokens are kept, the method decides HOW
+  MANY each stage keeps and which heads go):
+  ``hessian`` (``analyze`` defaults: exact Gauss-Newton estimator of the KL loss, ``-g.z + 1/2 z^T H z`` per
+  head / token, keep curve = sum of the dropped tokens' scores); ``taylor`` (first-order ``|g.z|``,
+  cross-entropy with the true labels); ``fisher`` (``1/2 (g.z)^2``, true labels); ``magnitude`` (``||z||``);
+  ``random`` (uniform scores, ``--random-seeds`` seeds: mean and standard deviation); ``cls_attention``
+  (EViT: a token's score is the class-token attention it receives, so the keep curve is the attention mass
+  dropped; heads by ``magnitude`` since class-token attention does not score heads). Ranking-only methods
+  (magnitude, random, cls_attention) are normalised so that all heads sum to 1 and all tokens (mean over
+  inputs) sum to 1 (``sensitivity.baselines.plannable``); taylor, fisher and hessian are in nats.
+- Plan for a FLOPs target ``r``: on the method's own greedy Pareto curve (``budget.pareto``, default token
+  layers, min_keep = prefix + 1), the point with the most FLOPs among those with ``flops <= (1 - r) dense``
+  (``heart_onnx.flops_target.plan_for_flops``). Targets: heads only, tokens only, heads+tokens; r in
+  ``--reductions`` (default 0.3, 0.4, 0.5). A target a method's curve cannot reach is reported as such.
+- Measured on the held-out digits test split (``digits_split()``, 450 images) by masking
+  (``models.masking.apply_plan``): top-1 accuracy and KL(dense || pruned) in nats, mean over images.
+
+    OMP_NUM_THREADS=1 python benchmarks/plan_baselines.py --out artifacts/plan_baselines.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from heart_onnx.data import DIGITS_SPLITS, load_data  # noqa: E402
+from heart_onnx.errors import HeartError  # noqa: E402
+from heart_onnx.flops_target import plan_for_flops  # noqa: E402
+from heart_onnx.models import demo  # noqa: E402
+from heart_onnx.models.masking import apply_plan  # noqa: E402
+from heart_onnx.models.registry import adapt  # noqa: E402
+from heart_onnx.sensitivity.api import analyze  # noqa: E402
+from heart_onnx.sensitivity.baselines import baseline, plannable  # noqa: E402
+
+TARGET_SETS = {"heads": ["heads"], "tokens": ["tokens"], "heads+tokens": ["heads", "tokens"]}
+METHODS = ("hessian", "taylor", "fisher", "magnitude", "random", "cls_attention")
+
+
+def method_sensitivities(adapter, calib, random_seeds: int) -> dict[str, list]:
+    """``{method: [Sensitivities, ...]}`` (one per seed for random), all in the planner's form."""
+    cls = baseline(adapter, calib, method="cls_attention", targets=["tokens"])
+    run_time = cls.token_per_input  # (S, L, N): the run-time scorer's values on the calibration inputs
+    out: dict[str, list] = {"hessian": [analyze(adapter, calib, targets=("heads", "tokens"))]}
+    for m in ("taylor", "fisher", "magnitude"):
+        out[m] = [plannable(baseline(adapter, calib, method=m), run_time)]
+    out["random"] = [plannable(baseline(adapter, calib, method="random", seed=s), run_time) for s in range(random_seeds)]
+    out["cls_attention"] = [plannable(cls, run_time, head_from=baseline(adapter, calib, method="magnitude", targets=["heads"]))]
+    return out
+
+
+def evaluate(adapter, plan, x, y, dense_logp) -> dict:
+    with apply_plan(adapter, plan) as a, torch.no_grad():
+        lp = torch.log_softmax(a.forward(x), -1)  # (B, C)
+    kl = float((dense_logp.exp() * (dense_logp - lp)).sum(-1).mean())
+    return {"accuracy": float((lp.argmax(-1) == y).double().mean()), "kl": kl}
+
+
+def describe(plan) -> dict:
+    return {"reduction": float(plan.notes["reduction"]), "heads_removed": int(sum(len(v) for v in plan.heads.values())),
+            "heads": {str(k): list(v) for k, v in sorted(plan.heads.items()) if v},
+            "tokens": [[t.after_layer, t.keep] for t in plan.tokens], "predicted": plan.predicted_loss_change,
+            "pareto_index": plan.notes.get("pareto_index")}
+
+
+def markdown(res: dict) -> str:
+    red = res["reductions"]
+    lines = [f"Demo ViT, digits test ({res['n_test']} images), no fine-tuning; scores on digits:{res['split']} "
+             f"({res['n_calib']} images). Dense accuracy {res['dense_accuracy']:.3f}. Cells: accuracy (KL nats); "
+             "random: mean ± std over seeds.", ""]
+    for ts in TARGET_SETS:
+        lines.append(f"**{ts}**")
+        lines.append("")
+        lines.append("| method | " + " | ".join(f"{int(round(100 * r))}% fewer FLOPs" for r in red) + " |")
+        lines.append("|---|" + "---|" * len(red))
+        for m in METHODS:
+            cells = []
+            for r in red:
+                rows = [row for row in res["runs"] if row["method"] == m and row["targets"] == ts and row["target_reduction"] == r]
+                if not rows or any("error" in row for row in rows):
+                    cells.append("unreachable")
+                    continue
+                acc = np.array([row["accuracy"] for row in rows])
+                kl = np.array([row["kl"] for row in rows])
+                if len(rows) > 1:
+                    cells.append(f"{acc.mean():.3f} ± {acc.std(ddof=1):.3f} ({kl.mean():.3f} ± {kl.std(ddof=1):.3f})")
+                else:
+                    cells.append(f"{acc[0]:.3f} ({kl[0]:.3f})")
+            best = max((i for i in range(len(cells))), key=lambda i: 0)  # noqa: F841 (kept simple)
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="artifacts/plan_baselines.json")
+    ap.add_argument("--md", default=None, help="Markdown table path (default: --out with .md)")
+    ap.add_argument("--weights", default=None, help="demo ViT weights (default: the shipped ones)")
+    ap.add_argument("--split", default="val" if "val" in DIGITS_SPLITS else "calib", help="digits split for the scores")
+    ap.add_argument("--reductions", default="0.3,0.4,0.5")
+    ap.add_argument("--random-seeds", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=32)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    t0 = time.time()
+    torch.manual_seed(0)
+    model = demo.demo_vit(pretrained=args.weights is None, weights=args.weights).eval()
+    adapter = adapt(model)
+    calib = list(load_data("digits", model, split=args.split, batch_size=args.batch))
+    _, _, xt, yt = demo.digits_split()
+    with torch.no_grad():
+        dense_logp = torch.log_softmax(adapter.forward(xt), -1)
+    reductions = [float(r) for r in args.reductions.split(",")]
+    sens = method_sensitivities(adapter, calib, args.random_seeds)
+    res: dict = {
+        "protocol": __doc__.split("Protocol")[1].split("    OMP")[0].strip(), "model": "demo_vit",
+        "weights": args.weights or "shipped", "split": args.split, "n_calib": int(sum(len(b[0]) for b in calib)),
+        "n_test": int(len(xt)), "dense_accuracy": float((dense_logp.argmax(-1) == yt).double().mean()),
+        "reductions": reductions, "torch": torch.__version__, "python": platform.python_version(), "runs": [],
+    }
+    for m in METHODS:
+        for seed, s in enumerate(sens[m]):
+            for ts, targets in TARGET_SETS.items():
+                for r in reductions:
+                    row = {"method": m, "seed": seed, "targets": ts, "target_reduction": r}
+                    try:
+                        p = plan_for_flops(s, r, targets)
+                    except HeartError as exc:
+                        row["error"] = str(exc)
+                        res["runs"].append(row)
+                        continue
+                    row.update(describe(p))
+                    row.update(evaluate(adapter, p, xt, yt, dense_logp))
+                    res["runs"].append(row)
+    res["time_s"] = round(time.time() - t0, 1)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    md = markdown(res)
+    Path(args.md or out.with_suffix(".md")).write_text(md + "\n")
+    print(md)
+    print(f"wrote {out} ({res['time_s']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
