@@ -29,9 +29,18 @@ the one with the fewest FLOPs, so more budget never saves fewer FLOPs. ``refine=
 remaining budget with the best-ratio steps that still fit (may save a little more; it is not part of the
 curve, so monotonicity in the budget is guaranteed only without it).
 
-Calibration: components interact, so additive predictions drift. Each target's additive prediction
-``x`` becomes ``c * x**g`` with ``c`` (default 1.0) and ``g`` (default 1.0: purely multiplicative) from
-``sens.meta["calibration"]``, fitted by :func:`calibrate` from measured loss changes of a few plans.
+Calibration (two stages, both in ``sens.meta["calibration"]``; see :mod:`heart_onnx.calibration`):
+
+1. per target: the additive prediction ``x`` becomes ``c * x**g`` (``c``, ``g`` default 1.0), fitted by
+   :func:`calibrate` from measured single-target plans. This sets the exchange rate between targets
+   that the greedy uses to choose its path.
+2. per target *set*: heads and tokens interact, so the sum of stage-1 predictions of a mixed plan still
+   drifts from what it measures. ``calibration["curves"][key]`` (key: the set's targets joined by ``,``
+   in ``TARGETS`` order, e.g. ``"heads,tokens"``) is a :class:`heart_onnx.loss_map.LossMap` fitted on
+   plans measured along that set's own Pareto curve (:func:`calibrate_curve`); it maps the curve's
+   stage-1 total to measured nats. It is monotone, so it never changes which plan a budget picks
+   among the curve's points, only what the curve (and the plan's ``predicted_loss_change``) says.
+   :func:`pareto`, :func:`plan` and :func:`predict` apply it when the key of their targets has a curve.
 """
 from __future__ import annotations
 
@@ -43,6 +52,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .errors import HeartError
+from .loss_map import LossMap
 from .flops import ConvLayer, FlopsReport, channel_macs_per_row, cnn_layers, model_flops, transformer_spec, weight_layer
 from .plan import Plan, TokenStage
 
@@ -86,6 +96,7 @@ class Pareto:
     scorer: str
     fuse_dropped: bool
     _problem: Any = field(repr=False, default=None)
+    raw_loss: np.ndarray | None = None  # the stage-1 prediction before the target set's loss map (None: no map)
 
     def __len__(self) -> int:
         return len(self.actions) + 1
@@ -160,6 +171,19 @@ def calibration_exponents(sens: Any) -> dict[str, float]:
     cal = (getattr(sens, "meta", None) or {}).get("calibration") or {}
     ex = cal.get("exponents") or {}
     return {t: float(ex.get(t, 1.0)) for t in TARGETS}
+
+
+def target_key(targets: Iterable[str]) -> str:
+    """Canonical key of a target set: its targets in ``TARGETS`` order joined by ``,`` (``"heads,tokens"``)."""
+    ts = set(targets)
+    return ",".join(t for t in TARGETS if t in ts)
+
+
+def calibration_map(sens: Any, targets: Iterable[str]) -> LossMap | None:
+    """The stage-2 loss map stored for this target set in ``sens.meta["calibration"]["curves"]`` (None if absent)."""
+    cal = (getattr(sens, "meta", None) or {}).get("calibration") or {}
+    d = (cal.get("curves") or {}).get(target_key(targets))
+    return LossMap.from_dict(d) if d else None
 
 
 def _transform(x: float, c: float, g: float) -> float:
@@ -239,6 +263,7 @@ class _Problem:
             self.spec = transformer_spec(self.geometry, self.family, seq_len)
             self.L = self.spec.layers
         self.targets = self._targets(targets)
+        self.lmap = calibration_map(sens, self.targets)
 
         # ---- heads
         self.head_order: list[np.ndarray] = []
@@ -676,10 +701,16 @@ class _Problem:
             if nxt is not None:
                 heapq.heappush(heap, (key(*nxt), seq, kind, i, ver + 1))
                 seq += 1
+        raw = np.asarray(loss)
+        mapped = raw
+        if self.lmap is not None:  # stage 2: the target set's measured curve (monotone: same points, new values)
+            mapped = np.asarray(self.lmap(raw), dtype=np.float64).reshape(-1)
+            actions = [Action(a.kind, a.layer, a.index, float(mapped[j + 1] - mapped[j]), a.dflops, a.name)
+                       for j, a in enumerate(actions)]
         return Pareto(
-            loss=np.asarray(loss), flops=np.asarray(flops), flops_dense=float(flops[0]), actions=tuple(actions),
+            loss=mapped, flops=np.asarray(flops), flops_dense=float(flops[0]), actions=tuple(actions),
             targets=self.targets, token_layers=self.token_layers, granularity=self.granularity, scorer=self.scorer,
-            fuse_dropped=self.fuse, _problem=self,
+            fuse_dropped=self.fuse, _problem=self, raw_loss=raw if self.lmap is not None else None,
         )
 
     def _total_loss(self) -> float:
@@ -709,7 +740,7 @@ class _Problem:
         idx = pareto.index_for(budget)
         self.replay(pareto.actions[:idx])
         if refine:
-            self.refine(budget)
+            self.refine(budget if self.lmap is None else float(self.lmap.inverse(budget)))
         return self.current_plan(budget, idx, refine)
 
     def current_plan(self, budget: float | None, idx: int | None = None, refined: bool = False) -> Plan:
@@ -729,7 +760,11 @@ class _Problem:
                 name = self.pair_names[i]
                 merges.append(self.pairing.make_merge(self.entries[name], self.granularity, float(self.pair_sparsity[i][s]), self.method, name=name))
         by_target = self.loss_by_target()
-        predicted = float(sum(by_target.values()))
+        raw_total = float(sum(by_target.values()))
+        predicted = raw_total
+        if self.lmap is not None:  # stage 2; the per-target split keeps its stage-1 proportions
+            predicted = float(self.lmap(raw_total))
+            by_target = {t: (v * predicted / raw_total if raw_total > 0 else 0.0) for t, v in by_target.items()}
         plan = Plan(
             fingerprint=str(meta.get("fingerprint", "")), family=self.family, geometry=dict(self.geometry),
             heads=heads, tokens=tokens, token_scorer=self.scorer, scorers=scorers,
@@ -744,6 +779,8 @@ class _Problem:
             "token_layers": list(self.token_layers), "granularity": self.granularity if "pairs" in self.targets else None,
             "predicted_by_target": by_target, "calibration": {t: self.cal[t] for t in self.targets},
             "calibration_exponents": {t: self.gam[t] for t in self.targets},
+            "calibration_curve": target_key(self.targets) if self.lmap is not None else None,
+            "predicted_stage1": raw_total,
             "flops_effective": rep.effective, "flops_sparse_saved": rep.sparse_saved, "flops_overhead": rep.overhead,
             "reduction": rep.reduction, "pareto_index": idx,
         }
@@ -794,8 +831,10 @@ def plan(sens: Any, budget: float, targets: Sequence[str] | str | None = None, *
 def predict(sens: Any, plan: Plan, *, calibrated: bool = True) -> dict[str, float]:
     """Predicted loss change of any ``plan`` by target (``heads``, ``tokens``, ``pairs``) and ``total``.
 
-    ``calibrated`` (default True) applies the factors in ``sens.meta["calibration"]``. Token stages use
-    the nested rule of the module docstring with the curve of ``plan.token_scorer``.
+    ``calibrated`` (default True) applies both calibration stages of ``sens.meta["calibration"]`` (the
+    module docstring): stage 2 with the curve of the plan's ``notes["targets"]`` (a plan from the planner)
+    if one is stored, else of the set of targets the plan prunes; the per-target values are scaled so they
+    still add up to ``total``. Token stages use the nested rule with the curve of ``plan.token_scorer``.
     """
     cal = calibration_factors(sens) if calibrated else {t: 1.0 for t in TARGETS}
     gam = calibration_exponents(sens) if calibrated else {t: 1.0 for t in TARGETS}
@@ -829,7 +868,45 @@ def predict(sens: Any, plan: Plan, *, calibrated: bool = True) -> dict[str, floa
             total += pairing.predicted_loss(entries[m.weight], m)
         out["pairs"] = _transform(float(total), cal["pairs"], gam["pairs"])
     out["total"] = out["heads"] + out["tokens"] + out["pairs"]
+    if calibrated and out["total"] > 0:
+        cands = []
+        noted = (plan.notes or {}).get("targets") if isinstance(plan.notes, Mapping) else None
+        if noted:
+            cands.append(list(noted))
+        cands.append([t for t in TARGETS if out[t] > 0])
+        for ts in cands:
+            lmap = calibration_map(sens, ts)
+            if lmap is not None:
+                total = float(lmap(out["total"]))
+                scale = total / out["total"]
+                for t in TARGETS:
+                    out[t] *= scale
+                out["total"] = total
+                break
     return out
+
+
+def calibrate_curve(sens: Any, targets: Iterable[str], raw: Sequence[float], measured: Sequence[float], *,
+                    store: bool = True) -> LossMap:
+    """Fit the stage-2 :class:`~heart_onnx.loss_map.LossMap` of one target set from measured plans.
+
+    ``raw``: the stage-1 predictions of plans on that set's Pareto curve (``Pareto.loss`` computed *without*
+    a curve for the set, or ``Pareto.raw_loss``); ``measured``: their measured loss changes (nats, same
+    order). With ``store`` (default True) it goes to ``sens.meta["calibration"]["curves"][target_key]``
+    (JSON; it survives ``Sensitivities.save``/``load``). Re-fitting stage 1 (:func:`calibrate`) drops
+    every stored curve (their raw axis changed).
+    """
+    ts = [t for t in TARGETS if t in set(targets)]
+    if not ts:
+        raise HeartError(f"calibrate_curve needs a target set (some of {', '.join(TARGETS)})")
+    lmap = LossMap.fit(raw, measured)
+    if store:
+        meta = getattr(sens, "meta", None)
+        if meta is None:
+            raise HeartError("sensitivities have no meta dict to store the calibration in")
+        cal = meta.setdefault("calibration", {})
+        cal.setdefault("curves", {})[target_key(ts)] = lmap.to_dict()
+    return lmap
 
 
 def calibrate(sens: Any, measured: Iterable[tuple[Any, float]], *, model: str = "scale", store: bool = True) -> dict[str, Any]:
@@ -846,7 +923,8 @@ def calibrate(sens: Any, measured: Iterable[tuple[Any, float]], *, model: str = 
     space from the measurements that prune only that target (with a single distinct prediction: ``g = 1``
     and the geometric-mean ratio; targets without such measurements keep their previous calibration). With ``store`` (default True) the result is written to
     ``sens.meta["calibration"]`` (factors, ``exponents``, ``model``, ``n``, worst relative error), which
-    :func:`pareto`, :func:`plan` and :func:`predict` then use. Returns that dict.
+    :func:`pareto`, :func:`plan` and :func:`predict` then use; this is stage 1 of the module docstring and
+    replaces the whole dict, so stage-2 curves stored before are dropped. Returns that dict.
     """
     if model not in ("scale", "power"):
         raise HeartError(f"unknown calibration model {model!r}: use 'scale' or 'power'")
@@ -920,5 +998,6 @@ def flops_report(sens_or_geometry: Any, plan_: Plan | None = None, *, seq_len: i
     return model_flops(geo, plan_, family=family, seq_len=seq_len)
 
 
-__all__ = ["Action", "Pareto", "pareto", "plan", "predict", "calibrate", "check_budget", "default_token_layers",
-           "flops_report", "calibration_factors", "calibration_exponents", "MAX_BUDGET"]
+__all__ = ["Action", "Pareto", "pareto", "plan", "predict", "calibrate", "calibrate_curve", "calibration_map",
+           "target_key", "check_budget", "default_token_layers", "flops_report", "calibration_factors",
+           "calibration_exponents", "MAX_BUDGET"]

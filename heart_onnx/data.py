@@ -2,9 +2,9 @@
 
 Spec strings (``--data`` on the command line)
 ---------------------------------------------
-- ``digits`` / ``digits:calib`` / ``digits:train`` / ``digits:test``: scikit-learn's digits with the fixed
-  demo split (``heart_onnx.models.demo.DEMO_SPLIT``; ``calib`` is the 256-image calibration subset of the
-  training split and the default). Images are resized (bilinear) and repeated to the model's input
+- ``digits`` / ``digits:calib`` / ``digits:val`` / ``digits:train`` / ``digits:test``: scikit-learn's digits
+  with the fixed demo split (``heart_onnx.models.demo.DEMO_SPLIT``: train 1047, val 300, test 450; the demo
+  models never trained on val or test). ``calib`` (the default) is the same 300 images as ``val``. Images are resized (bilinear) and repeated to the model's input
   (C, H, W) if that is not (1, 8, 8), then normalised (see *Normalisation*).
 - ``folder:PATH``: an image folder. Class sub-folders (``PATH/<class>/*.png``) give labelled data: the
   label is the folder name when every class folder is named by an integer (``0``, ``1``, ... ``10``), else
@@ -58,7 +58,7 @@ from ._deps import require
 from .errors import HeartError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm")
-DIGITS_SPLITS = ("calib", "train", "test")
+DIGITS_SPLITS = ("calib", "val", "train", "test")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SEQ_LEN = 128
@@ -329,8 +329,8 @@ def _digits(spec: InputSpec, split: str, n: int | None) -> Dataset:
         raise HeartError("digits is image data but the model takes tokens: use text:PATH, npz:PATH or random")
     from .models import demo
 
-    if split == "calib":
-        x, y = demo.digits_calibration(normalise=False)
+    if split in ("calib", "val"):
+        x, y = demo.digits_val(normalise=False)
     else:
         x_tr, y_tr, x_te, y_te = demo.digits_split(normalise=False)
         x, y = (x_tr, y_tr) if split == "train" else (x_te, y_te)

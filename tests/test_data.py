@@ -25,39 +25,55 @@ def _sklearn_split():
 
 
 # ---------------------------------------------------------------------------------------- digits
+def _sklearn_val():
+    """Independent reference of the val carve-out: indices into sklearn's stratified train split."""
+    from sklearn.model_selection import train_test_split
+
+    _, y_tr, _, _ = _sklearn_split()
+    return train_test_split(np.arange(len(y_tr)), test_size=300, random_state=0, stratify=y_tr)
+
+
 def test_digits_split_matches_sklearn():
     x_tr, y_tr, x_te, y_te = demo.digits_split()
     r_xtr, r_ytr, r_xte, r_yte = _sklearn_split()
-    assert x_tr.shape == (1347, 1, 8, 8) and x_te.shape == (450, 1, 8, 8)
+    fit, _ = _sklearn_val()
+    assert x_tr.shape == (1047, 1, 8, 8) and x_te.shape == (450, 1, 8, 8)
     assert x_tr.dtype == torch.float32 and y_tr.dtype == torch.int64
-    np.testing.assert_allclose(x_tr[:, 0].numpy(), (r_xtr / 16 - 0.5) / 0.5, atol=1e-6)
-    np.testing.assert_allclose(x_te[:, 0].numpy(), (r_xte / 16 - 0.5) / 0.5, atol=1e-6)
-    np.testing.assert_array_equal(y_tr.numpy(), r_ytr)
+    np.testing.assert_allclose(x_tr[:, 0].numpy(), (r_xtr[fit] / 16 - 0.5) / 0.5, atol=1e-6)
+    np.testing.assert_allclose(x_te[:, 0].numpy(), (r_xte / 16 - 0.5) / 0.5, atol=1e-6)  # test split unchanged
+    np.testing.assert_array_equal(y_tr.numpy(), r_ytr[fit])
     np.testing.assert_array_equal(y_te.numpy(), r_yte)
     raw = demo.digits_split(normalise=False)[0]
-    np.testing.assert_array_equal(raw[:, 0].numpy(), r_xtr)
+    np.testing.assert_array_equal(raw[:, 0].numpy(), r_xtr[fit])
 
 
-def test_digits_calibration_is_stratified_subset_of_train():
+def test_digits_val_is_stratified_and_disjoint_from_train_and_test():
+    xv, yv = demo.digits_val()
+    x_tr, y_tr, x_te, _ = demo.digits_split()
+    r_xtr, r_ytr, _, _ = _sklearn_split()
+    _, val = _sklearn_val()
+    assert xv.shape == (300, 1, 8, 8)
+    np.testing.assert_array_equal(demo.digits_val(normalise=False)[0][:, 0].numpy(), r_xtr[val])
+    np.testing.assert_array_equal(yv.numpy(), r_ytr[val])
+    counts = torch.bincount(yv, minlength=10)
+    assert counts.min() >= 29 and counts.max() <= 31  # stratified: 300 / 10 classes
     xc, yc = demo.digits_calibration()
-    x_tr, y_tr, _, _ = demo.digits_split()
-    assert xc.shape == (256, 1, 8, 8)
-    counts = torch.bincount(yc, minlength=10)
-    assert counts.min() >= 25 and counts.max() <= 26  # stratified: 256 / 10 classes
-    # every calibration image is a training image with the same label
-    flat_tr = x_tr.flatten(1)
-    for i in torch.randperm(256)[:20]:
-        j = int(((flat_tr - xc[i].flatten()).abs().sum(1)).argmin())
-        assert torch.equal(flat_tr[j], xc[i].flatten()) and int(y_tr[j]) == int(yc[i])
+    assert torch.equal(xc, xv) and torch.equal(yc, yv)  # calib = val
+    # val + train = sklearn's 1347 training images (as multisets of rows), none of them a test image
+    rows = lambda a: sorted(map(bytes, a.reshape(len(a), -1).numpy().astype(np.float32)))
+    assert rows(torch.cat([x_tr, xv])) == rows(torch.from_numpy((r_xtr[:, None] / 16 - 0.5) / 0.5).float())
+    assert len(y_tr) + len(yv) == 1347
 
 
-@pytest.mark.parametrize("spec,split,n_expected", [("digits", None, 256), ("digits:test", None, 450),
-                                                   ("digits", "train", 1347), ("digits:calib", "calib", 256)])
+@pytest.mark.parametrize("spec,split,n_expected", [("digits", None, 300), ("digits:test", None, 450),
+                                                   ("digits", "train", 1047), ("digits:calib", "calib", 300),
+                                                   ("digits:val", None, 300), ("digits", "val", 300)])
 def test_digits_loader_splits(spec, split, n_expected):
     loader = data.load_data(spec, split=split, batch_size=100)
     x, y = data.concat_batches(loader)
     assert x.shape == (n_expected, 1, 8, 8) and y.shape == (n_expected,)
-    ref = {"test": demo.digits_split()[2:], "train": demo.digits_split()[:2], "calib": demo.digits_calibration()}
+    ref = {"test": demo.digits_split()[2:], "train": demo.digits_split()[:2], "calib": demo.digits_val(),
+           "val": demo.digits_val()}
     which = spec.partition(":")[2] or split or "calib"
     assert torch.equal(x, ref[which][0]) and torch.equal(y, ref[which][1])
     first = next(iter(loader))
@@ -81,7 +97,7 @@ def test_digits_n_and_split_conflicts():
     with pytest.raises(HeartError, match="split"):
         data.load_data("digits:test", split="train")
     with pytest.raises(HeartError, match="splits"):
-        data.load_data("digits:val")
+        data.load_data("digits:holdout")
     with pytest.raises(HeartError, match="tokens"):
         data.load_data("digits", input_shape=(16,), vocab_size=100)
 

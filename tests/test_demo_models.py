@@ -168,3 +168,5 @@ def test_train_script_main_writes_loadable_weights(tmp_path):
     assert meta["cnn"]["test_correct"] == round(demo.accuracy(model, x_te, y_te) * 450)
     assert meta["cnn"]["sha256"] == hashlib.sha256((tmp_path / "demo_cnn.pt").read_bytes()).hexdigest()
     assert meta["split"] == demo.DEMO_SPLIT and "vit" not in meta
+    x_va, y_va = demo.digits_val()
+    assert meta["cnn"]["n_val"] == 300 and meta["cnn"]["val_accuracy"] == pytest.approx(demo.accuracy(model, x_va, y_va))
