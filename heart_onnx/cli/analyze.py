@@ -6,9 +6,8 @@ import sys
 from typing import Any
 
 from ..errors import HeartError
-from .common import add_json_flag, add_output_flag, emit_json, new_parser
-
-DEMO_MODELS = ("demo-vit", "demo-cnn")
+from .common import (DEMO_MODELS, add_data_flags, add_json_flag, add_model_flags, add_output_flag, emit_json,  # noqa: F401
+                     load_named_model, new_parser)
 
 
 def register(sub: Any) -> None:
@@ -18,15 +17,8 @@ def register(sub: Any) -> None:
         "heart-onnx analyze --model ./pythia-160m --data text:calib.txt --seq-len 256 --targets heads -o sens.npz",
         "torchrun --nproc-per-node 2 -m heart_onnx analyze --model demo-vit --data digits -o sens.npz",
     ))
-    p.add_argument("--model", required=True, metavar="NAME|PATH",
-                   help="demo-vit, demo-cnn, a zoo name (heart_onnx.models.zoo.names()) or a local model path")
-    p.add_argument("--weights", default=None, metavar="PATH", help="local state-dict file loaded into --model (default: none)")
-    p.add_argument("--family", default=None, help="architecture of a local state-dict file (default: inferred)")
-    p.add_argument("--data", default="digits", metavar="SPEC",
-                   help="calibration data spec (default digits): digits[:calib], folder:DIR, npz:FILE, text:FILE, random")
-    p.add_argument("-n", "--samples", type=int, default=None, help="calibration samples to use (default: all of the spec)")
-    p.add_argument("--batch-size", type=int, default=32, help="calibration batch size (default 32)")
-    p.add_argument("--seq-len", type=int, default=None, help="sequence length for text data (default: the data module's)")
+    add_model_flags(p, required=True)
+    add_data_flags(p, default="digits", what="calibration", batch_size=32)
     p.add_argument("--targets", default=None, metavar="LIST",
                    help="comma-separated heads,tokens,pairs (default: heads,tokens for ViTs, heads for LMs, pairs for CNNs)")
     p.add_argument("--method", default="hessian", help="hessian (default) or a baseline: magnitude, taylor, fisher, random, cls_attention")
@@ -44,37 +36,6 @@ def register(sub: Any) -> None:
     add_output_flag(p, "the sensitivities (.npz)")
     add_json_flag(p)
     p.set_defaults(func=run)
-
-
-def load_named_model(name: str, weights: str | None = None, family: str | None = None):
-    """``demo-vit``/``demo-cnn``, a zoo name or a local path -> an eval-mode ``nn.Module``."""
-    import os
-
-    key = name.strip().lower()
-    if key in DEMO_MODELS:
-        from ..models import demo
-
-        build = demo.demo_vit if key == "demo-vit" else demo.demo_cnn
-        return build(pretrained=weights is None, weights=weights)
-    if os.path.exists(name):
-        from ..models.zoo import load_local
-
-        return load_local(name, family=family)
-    from ..models import zoo
-
-    model = zoo.build(name)
-    if weights is not None:
-        import torch
-
-        try:
-            sd = torch.load(weights, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError) as exc:
-            raise HeartError(f"cannot read weights {weights} ({exc}): save them with torch.save(model.state_dict(), path)") from None
-        try:
-            model.load_state_dict(sd.get("model", sd) if isinstance(sd, dict) else sd)
-        except (RuntimeError, AttributeError) as exc:
-            raise HeartError(f"weights {weights} do not fit {name} ({str(exc).splitlines()[0][:200]})") from None
-    return model.eval()
 
 
 def default_targets(adapter) -> tuple[str, ...]:

@@ -5,7 +5,7 @@ import argparse
 from typing import Any
 
 from ..errors import HeartError
-from .common import add_json_flag, emit_json, new_parser
+from .common import add_json_flag, add_onnx_input, emit_json, new_parser
 
 
 def _dim(text: str) -> tuple[str, int]:
@@ -25,7 +25,7 @@ def register(sub: Any) -> None:
         "heart-onnx inspect pythia.onnx --dim seq=128 --json",
         "heart-onnx inspect model.onnx --require-attention   # exit 1 if no attention block is found",
     ))
-    p.add_argument("model", metavar="MODEL.onnx", help="the ONNX file")
+    add_onnx_input(p, help="the ONNX file (external data beside it is checked, not read)")
     p.add_argument("--dim", type=_dim, action="append", default=[], metavar="NAME=INT",
                    help="value of a symbolic input dim for the FLOPs count (default: 1 for each)")
     p.add_argument("--require-attention", action="store_true",

@@ -4,8 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ..errors import HeartError
-from .common import add_json_flag, add_output_flag, emit_json, new_parser
+from .common import add_json_flag, add_output_flag, emit_json, int_list, new_parser
 
 
 def register(sub: Any) -> None:
@@ -34,15 +33,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _int_list(text: str | None, what: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        return [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise HeartError(f"{what} must be comma-separated integers (e.g. 3,6,9), got {text!r}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     from ..budget import check_budget, pareto
     from ..fileio import check_output_path
@@ -51,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     budget = check_budget(args.budget)  # before any work: a bad budget is one line, exit 1
     out = check_output_path(args.output, args.sens)
     sens = Sensitivities.load(args.sens)
-    curve = pareto(sens, args.targets, _int_list(args.token_layers, "--token-layers"), args.granularity,
+    curve = pareto(sens, args.targets, int_list(args.token_layers, "--token-layers"), args.granularity,
                    scorer=args.scorer, fuse_dropped=args.fuse_dropped, seq_len=args.seq_len, min_keep=args.min_keep)
     plan = curve.to_plan(budget, refine=args.refine)
     plan.save(out)

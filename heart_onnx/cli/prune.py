@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_json_flag, add_output_flag, emit_json, new_parser
+from .common import add_json_flag, add_onnx_input, add_output_flag, emit_json, new_parser
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,8 +12,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "heart-onnx prune model.onnx plan.json -o model.pruned.onnx",
         "heart-onnx prune model.onnx plan.json -o model.trt.onnx --int32-indices   # TensorRT 8.x",
     ))
-    p.add_argument("model", help="the dense ONNX export (heart-onnx export)")
-    p.add_argument("plan", help="plan JSON from 'heart-onnx plan' (its .pairs.npz beside it)")
+    add_onnx_input(p, help="the dense ONNX export (heart_onnx.export; external data beside it is read)")
+    p.add_argument("plan", metavar="PLAN.json", help="plan JSON from 'heart-onnx plan' (its .pairs.npz beside it)")
     add_output_flag(p, "the pruned ONNX model")
     p.add_argument("--int32-indices", action="store_true", help="INT32 token indices (TensorRT 8.x); default INT64")
     p.add_argument("--no-check", action="store_true", help="skip the TensorRT-rule check and the ONNX Runtime smoke run")
