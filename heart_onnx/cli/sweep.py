@@ -48,9 +48,15 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
+    from ..errors import HeartError
     from ..llm.report import export_csv, plot_results
     from ..llm.sweep import SweepConfig, run_sweep
 
+    for opt, path in (("--plan", args.plan), ("--text", args.text_file)):
+        if path is not None and not os.path.isfile(path):
+            raise HeartError(f"{opt} file {path} does not exist: give the path of an existing file")
     cfg = SweepConfig(
         models=args.models, backends=args.backends, precisions=args.precisions, batches=args.batches, prompts=args.prompts,
         new_tokens=args.new_tokens, power_modes=args.power_modes, set_power_mode=args.set_power_mode, repeats=args.repeats,
