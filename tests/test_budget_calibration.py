@@ -129,7 +129,7 @@ def test_demo_vit_calibrated_predictions_match_heldout(tmp_path):
     model = demo_vit()
     sens = analyze(model, load_data("digits:val", model, n=96, batch_size=32), targets=("heads", "tokens"))
     x_val, _ = digits_val()
-    cal = calibrate_on_data(model, sens, x_val, points=6)
+    cal = calibrate_on_data(model, sens, x_val)
     assert set(cal["curves"]) == {"heads", "tokens", "heads,tokens"}
     sens.save(tmp_path / "d.sens.npz")
     sens = Sensitivities.load(tmp_path / "d.sens.npz")

@@ -77,7 +77,7 @@ class BudgetTuner:
         model = demo_vit()
         _, _, x_test, y_test = digits_split()
         # keyed by the weights' fingerprint: new demo weights never reuse stale sensitivities
-        cache = Path(tempfile.gettempdir()) / "heart-onnx-cache" / f"demo_vit.{fingerprint(model)[:16]}.{n_calib}.sens.npz"
+        cache = Path(tempfile.gettempdir()) / "heart-onnx-cache" / f"demo_vit.{fingerprint(model)[:16]}.{n_calib}.cal2.sens.npz"
         if cache.is_file():
             sens = Sensitivities.load(cache)
         else:
@@ -86,7 +86,8 @@ class BudgetTuner:
 
             calib = load_data("digits", model, n=n_calib, batch_size=16, split="calib")
             sens = analyze(model, calib, targets=("heads", "tokens"))
-            calibrate_on_data(model, sens, concat_batches(calib)[0])  # predictions in measured nats
+            x_val = concat_batches(load_data("digits", model, batch_size=512, split="calib"))[0]  # all 300 val images
+            calibrate_on_data(model, sens, x_val)  # predictions in measured nats
             sens.save(cache)
         return cls(sens, model=model, heldout=(x_test, y_test), **kw)
 
