@@ -223,11 +223,77 @@ def load_model(path: str | os.PathLike, load_external: bool = True, check: bool 
     return model
 
 
+LIGHT_CHECK_BYTES = 2**26  # weights above this: the checker runs on a light copy (light_model)
+STUB_FILE = "heart-stub.bin"
+
+
+def light_model(model: Any, keep_elements: int = 64, stub: bool = False) -> Any:
+    """A copy of ``model`` whose initializers over ``keep_elements`` elements keep name, type and dims only.
+
+    ``stub`` (default False): mark them as external data in ``heart-stub.bin`` so that the ONNX
+    checker accepts them (see :func:`check_light`). Shape inference needs no weight data.
+    """
+    onnx = _onnx()
+    light = onnx.ModelProto()
+    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
+        setattr(light, f, getattr(model, f))
+    light.opset_import.extend(model.opset_import)
+    light.metadata_props.extend(model.metadata_props)
+    light.functions.extend(model.functions)
+    g, lg = model.graph, light.graph
+    lg.name = g.name
+    for f in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
+        getattr(lg, f).extend(getattr(g, f))
+    for t in g.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        if n <= keep_elements and not _is_external(t):
+            lg.initializer.append(t)
+            continue
+        s = lg.initializer.add()
+        s.name, s.data_type = t.name, t.data_type
+        s.dims.extend(t.dims)
+        if stub:
+            s.data_location = onnx.TensorProto.EXTERNAL
+            s.external_data.add(key="location", value=STUB_FILE)
+    return light
+
+
+def check_light(model: Any, full_check: bool = False) -> None:
+    """``onnx.checker`` on a light copy of ``model`` (weights stubbed): cheap for big models, any size.
+
+    The checker needs a path for external data, so the copy is written to a temporary folder next to
+    an empty stub file. Weight data itself is not checked here (``load_model`` checks sizes first).
+    ``full_check`` (default False): also strict shape inference. Raises ``onnx.checker.ValidationError``.
+    """
+    onnx = _onnx()
+    light = light_model(model, keep_elements=1024, stub=True)
+    with tempfile.TemporaryDirectory(prefix="heart_check_") as d:
+        (Path(d) / STUB_FILE).write_bytes(b"")
+        p = Path(d) / "light.onnx"
+        p.write_bytes(light.SerializeToString())
+        onnx.checker.check_model(str(p), full_check=full_check)
+
+
+def _declared_bytes(model: Any) -> int:
+    """Weight bytes from the initializers' dims (no data access: upb's ByteSize serializes the model)."""
+    total = 0
+    for t in model.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        total += n * (_ITEMSIZE.get(t.data_type, 0) or 1)
+    return total
+
+
 def _run_checker(model: Any, path: Path, has_unloaded_external: bool) -> None:
     onnx = _onnx()
     try:
-        if has_unloaded_external or model.ByteSize() >= TWO_GB:
+        if has_unloaded_external:
             onnx.checker.check_model(str(path))  # reads external data lazily, beside the file
+        elif _declared_bytes(model) >= LIGHT_CHECK_BYTES:
+            check_light(model)
         else:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -236,9 +302,67 @@ def _run_checker(model: Any, path: Path, has_unloaded_external: bool) -> None:
         raise HeartError(f"{path} is not a usable ONNX model ({type(exc).__name__}: {_first_line(exc)})") from None
 
 
-def _weight_bytes(model: Any) -> int:
-    return sum(len(t.raw_data) + 4 * len(t.float_data) + 8 * (len(t.int64_data) + len(t.double_data))
-               + 4 * len(t.int32_data) for t in model.graph.initializer)
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _split(msg: Any, field_number: int) -> tuple[bytes, bytes]:
+    """``msg`` serialized without one field: (fields numbered below it, fields above it)."""
+    lo, hi = type(msg)(), type(msg)()
+    for fd, value in msg.ListFields():
+        if fd.number == field_number:
+            continue
+        dst = lo if fd.number < field_number else hi
+        if fd.is_repeated:
+            getattr(dst, fd.name).extend(value)
+        elif fd.message_type is not None:
+            getattr(dst, fd.name).CopyFrom(value)
+        else:
+            setattr(dst, fd.name, value)
+    return lo.SerializeToString(), hi.SerializeToString()
+
+
+_GRAPH_FIELD, _INITIALIZER_FIELD = 7, 5  # ModelProto.graph, GraphProto.initializer
+
+
+def write_streamed(model: Any, f: Any) -> int:
+    """Write ``model``'s protobuf encoding to binary file ``f`` one initializer at a time; returns bytes written.
+
+    The bytes equal ``model.SerializeToString()`` (fields in number order), but the peak memory is one
+    tensor instead of the whole model twice (upb serializes into a buffer, then copies it into a
+    ``bytes``). Raises ValueError over protobuf's 2 GiB limit.
+    """
+    g = model.graph
+    g_lo, g_hi = _split(g, _INITIALIZER_FIELD)
+    tag = _varint(_INITIALIZER_FIELD << 3 | 2)
+    sizes = [t.ByteSize() for t in g.initializer]
+    g_len = len(g_lo) + len(g_hi) + sum(len(tag) + len(_varint(n)) + n for n in sizes)
+    m_lo, m_hi = _split(model, _GRAPH_FIELD)
+    total = len(m_lo) + len(m_hi) + len(_varint(_GRAPH_FIELD << 3 | 2)) + len(_varint(g_len)) + g_len
+    if total >= TWO_GB:
+        raise ValueError(f"the model serializes to {total} bytes, over protobuf's 2 GiB limit")
+    f.write(m_lo)
+    if model.HasField("graph"):
+        f.write(_varint(_GRAPH_FIELD << 3 | 2) + _varint(g_len) + g_lo)
+        for t, n in zip(g.initializer, sizes):
+            blob = t.SerializeToString()
+            if len(blob) != n:
+                raise ValueError(f"initializer {t.name!r} changed size while it was written")
+            f.write(tag + _varint(n))
+            f.write(blob)
+        f.write(g_hi)
+    else:
+        total -= len(_varint(_GRAPH_FIELD << 3 | 2)) + len(_varint(g_len)) + g_len
+    f.write(m_hi)
+    return total
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -268,7 +392,7 @@ def save_model(model: Any, path: str | os.PathLike, *, external_data: bool | Non
         raise HeartError("this model still refers to external data that was not loaded: "
                          "load it with load_model(path, load_external=True) before saving")
     if external_data is None:
-        external_data = _weight_bytes(model) >= TWO_GB - 2**26
+        external_data = _declared_bytes(model) >= TWO_GB - 2**26
     target.parent.mkdir(parents=True, exist_ok=True)
     data_name = target.name + ".data"
     if source is not None and _same_file(target.parent / data_name, Path(os.fspath(source)).parent / data_name) \
@@ -287,10 +411,10 @@ def save_model(model: Any, path: str | os.PathLike, *, external_data: bool | Non
                 os.replace(tmpdir / data_name, target.parent / data_name)
         else:
             try:
-                blob = model.SerializeToString()
+                with open(built, "wb") as f:
+                    write_streamed(model, f)
             except ValueError as exc:
                 raise HeartError(f"model is too large for one file ({_first_line(exc)}): save with external_data=True") from None
-            built.write_bytes(blob)
         os.replace(built, target)
     except OSError as exc:
         raise HeartError(f"cannot write {target}: {exc.strerror or exc}") from None

@@ -5,12 +5,22 @@ Steps: load (``heart_onnx.onnx_io``) -> check the plan belongs to this model (th
 size, width and token count) -> find the attention blocks (``surgery.match``) -> weight merges
 (``surgery.pairs.apply_merges``, done first so they find the weights the plan hashed) -> tokens
 (``surgery.tokens``) -> heads (``surgery.heads``) -> ``cleanup().toposort()`` ->
-``onnx.checker.check_model(full_check=True)`` + shape inference -> the plan recorded in
-``metadata_props["heart_onnx.plan"]`` -> an ONNX Runtime smoke run on random inputs -> written
-atomically, never over the input.
+``onnx.checker.check_model(full_check=True)`` + strict shape inference + TensorRT rules -> the plan
+recorded in ``metadata_props["heart_onnx.plan"]`` -> written atomically (a temporary file beside the
+target), never over the input -> an ONNX Runtime smoke run on random inputs of that file -> renamed
+into place only when the smoke run passes.
+
+Cost on big models (ViT-B/16, 330 MB): the weights stay in the loaded proto. onnx-graphsurgeon
+works on lazily loaded constants (``match.const_value`` does not cache big ones); untouched big
+weights are exported as same-shape external-data stubs, so the checker, shape inference and the
+TensorRT rules run on a light copy (the checker through a path, with an empty stub file); the
+pruned model is then assembled *in* the loaded proto (nodes replaced, sliced weights added, the
+untouched weights kept where they are) instead of being copied, and the smoke run loads the written
+file after the proto is freed. Peak memory stays near twice the model (load, write).
 """
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Any
@@ -56,18 +66,16 @@ def _check_anchors(graph: Any, plan: Plan) -> None:
                            f"weights (e.g. {missing[0]}) are not in this graph; re-run 'heart-onnx plan' on this model")
 
 
-def _geometry(plan: Plan, blocks: list, mine: list) -> tuple[int, int, int, int | None]:
+def _geometry(plan: Plan, blocks: list) -> tuple[int, int, int, int | None]:
     g = plan.geometry
     L = int(g.get("layers", len(blocks)))
-    if len(blocks) != L or len(mine) != L:
+    if len(blocks) != L:
         raise PlanMismatch(f"the plan is for a model with {L} layers, this graph has {len(blocks)} attention blocks: "
                            "use the ONNX export of the model the plan was made for")
     H = int(g.get("heads") or blocks[0].heads)
     Dh = int(g.get("head_dim") or blocks[0].head_dim)
     D = int(g.get("hidden") or blocks[0].hidden)
-    for b, m in zip(blocks, mine):
-        if b.softmax is not m.softmax:
-            raise UnsupportedGraph("attention blocks were matched inconsistently: please report this graph")
+    for b in blocks:
         if (b.heads, b.head_dim) != (H, Dh):
             raise PlanMismatch(f"layer {b.layer} of the graph has {b.heads} heads of {b.head_dim}, the plan expects "
                                f"{H} of {Dh}: use the export of the model the plan was made for")
@@ -75,15 +83,12 @@ def _geometry(plan: Plan, blocks: list, mine: list) -> tuple[int, int, int, int 
     return H, Dh, D, (int(seq) if seq else None)
 
 
-def prune_model(model: Any, plan: Plan, *, int32_indices: bool = False, check: bool = True) -> Any:
-    """Surgery on an ``onnx.ModelProto`` (not modified): returns the pruned ``ModelProto``.
+STUB_ELEMENTS = 1024  # untouched constants above this size are exported as stubs and kept in place
 
-    ``int32_indices`` (default False): INT32 token indices for TensorRT 8.x; ``check`` (default True):
-    checker, TensorRT rules and an ONNX Runtime smoke run.
-    """
-    onnx = require("onnx", "ONNX surgery")
-    gs = require("onnx_graphsurgeon", "ONNX surgery")
-    from ._attn import clear_shapes, find_attention
+
+def _surgery(model: Any, plan: Plan, int32_indices: bool) -> Any:
+    """Every pass of the plan on a gs.Graph of ``model`` (lazy constants); returns the graph."""
+    from .carriers import clear_shapes
     from .heads import remove_heads
     from .match import find_attention_blocks, import_graph
     from .tokens import insert_token_stages
@@ -99,8 +104,7 @@ def prune_model(model: Any, plan: Plan, *, int32_indices: bool = False, check: b
         H = Dh = D = 0
         seq = None
     else:
-        mine = find_attention(graph, blocks[0].hidden)
-        H, Dh, D, seq = _geometry(plan, blocks, mine)
+        H, Dh, D, seq = _geometry(plan, blocks)
     block_out = [b.block_output for b in blocks]
     soft = [None if len(plan.removed_heads(i)) >= H else b.softmax for i, b in enumerate(blocks)]
     if plan.merges:
@@ -118,40 +122,123 @@ def prune_model(model: Any, plan: Plan, *, int32_indices: bool = False, check: b
     # (H'*Dh) could equal a token count; token counts equal to H are far rarer
     if any(plan.heads.values()):
         layout = "head_qkv" if blocks[0].layout == "neox_interleaved" else "qkv_head"
-        remove_heads(graph, mine, plan.heads, num_heads=H, head_dim=Dh, hidden=D, layout=layout)
+        remove_heads(graph, blocks, plan.heads, num_heads=H, head_dim=Dh, hidden=D, layout=layout)
     graph.cleanup(remove_unused_graph_inputs=False).toposort()
     clear_shapes(graph)
-    out = gs.export_onnx(graph)
-    del out.opset_import[:]
-    out.opset_import.extend(model.opset_import)
-    out.ir_version = model.ir_version
-    out.producer_name, out.producer_version = model.producer_name, model.producer_version
-    del out.metadata_props[:]
-    out.metadata_props.extend(model.metadata_props)
-    metadata.set_plan(out, plan)
+    return graph
+
+
+def _stub_untouched(graph: Any) -> set[str]:
+    """Give every big constant still lazily held by the proto a data-less stub; returns their names."""
+    from onnx import TensorProto
+    from onnx_graphsurgeon.ir.tensor import LazyValues, SparseValues
+
+    from ..onnx_io import STUB_FILE
+
+    gs = require("onnx_graphsurgeon", "ONNX surgery")
+    names: set[str] = set()
+    for t in graph.tensors().values():
+        lazy = getattr(t, "_values", None) if isinstance(t, gs.Constant) else None
+        if not isinstance(lazy, LazyValues) or isinstance(lazy, SparseValues) or lazy.tensor.name != t.name:
+            continue
+        src = lazy.tensor
+        n = 1
+        for d in src.dims:
+            n *= d
+        if n <= STUB_ELEMENTS:
+            continue
+        stub = TensorProto(name=src.name, data_type=src.data_type, dims=list(src.dims),
+                           data_location=TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value=STUB_FILE)
+        t._values = LazyValues(stub)
+        names.add(src.name)
+    return names
+
+
+def _check_light(light: Any) -> Any:
+    """``onnx.checker`` full check + strict shape inference on a weightless copy; returns ``light`` with
+    the inferred ``value_info``."""
+    from ..onnx_io import check_light, light_model
+
+    onnx = require("onnx", "ONNX surgery")
+    check_light(light, full_check=True)
+    inferred = onnx.shape_inference.infer_shapes(light_model(light, keep_elements=1024), strict_mode=True)
+    del light.graph.value_info[:]
+    light.graph.value_info.extend(inferred.graph.value_info)
+    return light
+
+
+def _assemble(model: Any, light: Any, kept: set[str]) -> Any:
+    """Turn ``model`` into the pruned model in place: ``light``'s graph, the stubs' data from ``model``."""
+    g, lg = model.graph, light.graph
+    for i in range(len(g.initializer) - 1, -1, -1):
+        if g.initializer[i].name not in kept:
+            del g.initializer[i]
+    g.initializer.extend(t for t in lg.initializer if t.name not in kept)
+    for field in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation",
+                  "metadata_props"):
+        if hasattr(g, field):
+            del getattr(g, field)[:]
+            getattr(g, field).extend(getattr(lg, field))
+    g.name, g.doc_string = lg.name, lg.doc_string
+    for field in ("opset_import", "metadata_props", "functions"):
+        del getattr(model, field)[:]
+        getattr(model, field).extend(getattr(light, field))
+    return model
+
+
+def _prune_in_place(model: Any, plan: Plan, int32_indices: bool, check: bool) -> Any:
+    """The surgery, checks and assembly; ``model`` becomes the pruned model (returned)."""
+    gs = require("onnx_graphsurgeon", "ONNX surgery")
+    graph = _surgery(model, plan, int32_indices)
+    kept = _stub_untouched(graph)
+    light = gs.export_onnx(graph, do_type_check=False)
+    del graph
+    gc.collect()  # the graph's node <-> tensor cycles hold the proto's lazily read weights
+    del light.opset_import[:]
+    light.opset_import.extend(model.opset_import)
+    del light.metadata_props[:]
+    light.metadata_props.extend(model.metadata_props)
+    metadata.set_plan(light, plan)
     try:
-        onnx.checker.check_model(out, full_check=True)
-        out = onnx.shape_inference.infer_shapes(out, strict_mode=True)
+        light = _check_light(light)
     except Exception as exc:  # noqa: BLE001 - a surgery bug, not a user error
         raise UnsupportedGraph(f"the pruned graph does not pass the ONNX checker ({str(exc).splitlines()[0][:200]}): "
                                "please report this model") from exc
     if check:
         from .trt_rules import check_trt_rules
 
-        bad = check_trt_rules(out, int32_indices=int32_indices)
+        from ..onnx_io import light_model
+
+        bad = check_trt_rules(light_model(light, keep_elements=4096, stub=True), int32_indices=int32_indices)
         if bad:
             raise UnsupportedGraph(f"the pruned graph breaks a TensorRT rule: {bad[0]}")
+    return _assemble(model, light, kept)
+
+
+def prune_model(model: Any, plan: Plan, *, int32_indices: bool = False, check: bool = True) -> Any:
+    """Surgery on an ``onnx.ModelProto`` (not modified): returns the pruned ``ModelProto``.
+
+    ``int32_indices`` (default False): INT32 token indices for TensorRT 8.x; ``check`` (default True):
+    TensorRT rules and an ONNX Runtime smoke run (the ONNX checker and strict shape inference always run).
+    """
+    onnx = require("onnx", "ONNX surgery")
+    work = onnx.ModelProto()
+    work.CopyFrom(model)
+    out = _prune_in_place(work, plan, int32_indices, check)
+    if check:
         smoke_run(out)
     return out
 
 
 def smoke_run(model: Any, batch: int = 2) -> list[np.ndarray]:
-    """Run ``model`` once on ONNX Runtime CPU with random inputs (batch ``batch``, default 2)."""
+    """Run ``model`` (a ``ModelProto`` or a path) once on ONNX Runtime CPU with random inputs (batch ``batch``, default 2)."""
     ort = require("onnxruntime", "the ONNX Runtime smoke run")
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    src = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
+    sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
     rng = np.random.default_rng(0)
     feed = {}
     for i in sess.get_inputs():
@@ -175,10 +262,33 @@ def prune(model_path_or_proto: Any, plan: Plan, out_path: str | os.PathLike, *, 
     TensorRT rules and an ONNX Runtime smoke run. Refuses to write over the input.
     Raises PlanMismatch for a plan made for another model, UnsupportedGraph for a graph it cannot handle.
     """
+    import shutil
+    import tempfile
+
     from ..fileio import check_output_path
     from ..onnx_io import save_model
 
     model, src = _load(model_path_or_proto)
-    check_output_path(out_path, *([src] if src else []))
-    pruned = prune_model(model, plan, int32_indices=int32_indices, check=check)
-    return save_model(pruned, out_path, source=src)
+    target = check_output_path(out_path, *([src] if src else []))
+    if src is None:  # a caller's proto: work on a copy
+        onnx = require("onnx", "ONNX surgery")
+        work = onnx.ModelProto()
+        work.CopyFrom(model)
+        model = work
+    pruned = _prune_in_place(model, plan, int32_indices, check)
+    del model
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmpdir = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        built = save_model(pruned, tmpdir / target.name, source=src)
+        del pruned  # the smoke run loads the file: the proto's memory is not needed any more
+        gc.collect()
+        if check:
+            smoke_run(built)
+        data = tmpdir / (target.name + ".data")
+        if data.exists():
+            os.replace(data, target.parent / data.name)
+        os.replace(built, target)
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return target

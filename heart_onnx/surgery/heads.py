@@ -25,7 +25,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..errors import HeartError, UnsupportedGraph
-from ._attn import AttentionBlock, SHAPE_INPUT, bias_add, const_value, gs_mod, rewrite_shape_input, weight_of
+from .carriers import SHAPE_INPUT, gs_mod, rewrite_shape_input
+from .match import AttentionBlock
 
 Layout = str  # "qkv_head" ([3, H, Dh], timm) or "head_qkv" ([H, 3, Dh], GPT-NeoX) for a fused projection
 
@@ -63,55 +64,39 @@ def _head_fn(H: int, Hn: int, Dh: int):
     return fn
 
 
-def _set_weight(node: Any, keep: np.ndarray, axis_role: str) -> None:
-    """Slice the constant weight of ``node``: ``axis_role`` "in" (rows of the reduction axis) or "out"."""
-    gs = gs_mod()
-    w, in_axis = weight_of(node)
-    axis = in_axis if axis_role == "in" else 1 - in_axis
-    nw = np.ascontiguousarray(np.take(w, keep, axis=axis))
-    node.inputs[1] = gs.Constant(f"{node.name}_w_heart", nw)
-
-
-def _slice_bias(node: Any, cols: np.ndarray) -> None:
-    gs = gs_mod()
-    if node.op == "Gemm":
-        if len(node.inputs) > 2:
-            b = const_value(node.inputs[2])
-            if b is not None and b.ndim == 1 and b.size > 1:
-                node.inputs[2] = gs.Constant(f"{node.name}_b_heart", np.ascontiguousarray(b[cols]))
-        return
-    ba = bias_add(node)
-    if ba is not None:
-        add, i, b = ba
-        add.inputs[i] = gs.Constant(f"{add.name}_b_heart", np.ascontiguousarray(b[cols]))
+def _slice_linear(lin: Any, keep: np.ndarray, role: str) -> None:
+    """New weight (and bias, for ``role="out"``) for ``lin`` keeping output columns or input rows ``keep``."""
+    w = lin.torch_weight()  # (out, in)
+    if role == "out":
+        lin.set_weight(np.take(w, keep, axis=0))
+        b = lin.bias
+        if b is not None and b.size > 1:
+            lin.set_bias(np.take(b.reshape(-1), keep))
+    else:
+        lin.set_weight(np.take(w, keep, axis=1))
 
 
 def _remove_branch(graph: Any, blk: AttentionBlock, hidden: int) -> None:
+    """All heads removed: the attention output becomes the output projection's bias (zeros without one)."""
     gs = gs_mod()
     out = blk.attn_out
-    bias = None
-    if blk.proj.op == "Gemm" and len(blk.proj.inputs) > 2:
-        bias = const_value(blk.proj.inputs[2])
-    else:
-        ba = bias_add(blk.proj)
-        bias = ba[2] if ba is not None else None
-    w, _ = weight_of(blk.proj)
-    if bias is None:
-        bias = np.zeros(hidden, dtype=w.dtype)
-    c = gs.Constant(f"{blk.proj.name}_bias_only_heart", np.ascontiguousarray(bias.astype(w.dtype)))
+    if any(out is o for o in graph.outputs):
+        raise UnsupportedGraph("the attention output is a graph output: cannot remove all heads of that layer")
+    w = blk.out_proj.weight
+    bias = blk.out_proj.bias
+    bias = np.zeros(hidden, dtype=w.dtype) if bias is None else bias.reshape(-1).astype(w.dtype)
+    c = gs.Constant(f"{blk.proj.name}_bias_only_heart", np.ascontiguousarray(bias))
     for n in list(out.outputs):
         for i, t in enumerate(n.inputs):
             if t is out:
                 n.inputs[i] = c
-    if any(out is o for o in graph.outputs):
-        raise UnsupportedGraph("the attention output is a graph output: cannot remove all heads of that layer")
 
 
 def remove_heads(graph: Any, blocks: Sequence[AttentionBlock], heads: Mapping[int, Sequence[int]], *,
                  num_heads: int, head_dim: int, hidden: int, layout: Layout = "qkv_head") -> Any:
     """Remove ``heads`` (``{layer: [head, ...]}``) from ``graph`` in place and return it.
 
-    ``blocks`` from ``_attn.find_attention`` (one per layer, in order); ``layout`` (default
+    ``blocks`` from ``match.find_attention_blocks`` (one per layer, in order); ``layout`` (default
     ``"qkv_head"``) is the column layout of a fused qkv projection (``"head_qkv"`` for GPT-NeoX).
     Does not clean up: call ``graph.cleanup().toposort()`` after (``prune`` does).
     """
@@ -127,10 +112,9 @@ def remove_heads(graph: Any, blocks: Sequence[AttentionBlock], heads: Mapping[in
         blk = blocks[layer]
         kept = [h for h in range(H) if h not in gone]
         for p in blk.projections:
-            w, in_axis = weight_of(p)
             want = 3 * H * Dh if blk.fused else H * Dh
-            if w.shape[1 - in_axis] != want:
-                raise UnsupportedGraph(f"layer {layer}: projection {p.name} has {w.shape[1 - in_axis]} outputs, "
+            if p.out_features != want:
+                raise UnsupportedGraph(f"layer {layer}: projection {p.node.name} has {p.out_features} outputs, "
                                        f"expected {want} ({H} heads of {Dh}): does the plan match this model?")
         if not kept:
             _remove_branch(graph, blk, hidden)
@@ -138,9 +122,8 @@ def remove_heads(graph: Any, blocks: Sequence[AttentionBlock], heads: Mapping[in
         cols = head_columns(kept, H, Dh, blk.fused, layout)
         rows = head_columns(kept, H, Dh, False, layout)
         for p in blk.projections:
-            _set_weight(p, cols, "out")
-            _slice_bias(p, cols)
-        _set_weight(blk.proj, rows, "in")
+            _slice_linear(p, cols, "out")
+        _slice_linear(blk.out_proj, rows, "in")
         fn = _head_fn(H, len(kept), Dh)
         for n in blk.region:
             if n.op in SHAPE_INPUT:

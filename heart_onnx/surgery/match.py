@@ -85,22 +85,61 @@ def _gs() -> Any:
 
 
 # ============================================================================ small graph helpers
+CACHE_ELEMENTS = 1 << 16  # lazily loaded constants up to this size are cached on the gs.Constant
+
+
 def const_value(t: Any) -> np.ndarray | None:
-    """numpy value of a ``gs.Constant`` or of a ``Constant`` node's output; None if computed."""
+    """numpy value of a ``gs.Constant`` or of a ``Constant`` node's output; None if computed.
+
+    Big constants still held by the ONNX proto (onnx-graphsurgeon ``LazyValues``) are loaded as a
+    fresh array each time and not cached on the graph: weights stay in the proto only, so surgery and
+    export do not hold a second copy of the model (read once, keep the array if you need it twice).
+    """
     gs = _gs()
     if isinstance(t, gs.Constant):
         try:
+            lazy = _lazy(t)
+            if lazy is not None and _volume(lazy.shape) > CACHE_ELEMENTS:
+                return np.asarray(lazy.load())
             return np.asarray(t.values)
         except Exception:  # noqa: BLE001 - unreadable external data / corrupt tensor
             return None
     if t is not None and len(getattr(t, "inputs", ())) == 1 and t.inputs[0].op == "Constant":
         attrs = t.inputs[0].attrs
         if "value" in attrs and isinstance(attrs["value"], gs.Constant):
-            return np.asarray(attrs["value"].values)
+            return const_value(attrs["value"])
         for k in ("value_ints", "value_floats", "value_int", "value_float"):
             if k in attrs:
                 return np.asarray(attrs[k])
     return None
+
+
+def _lazy(t: Any) -> Any | None:
+    """The ``LazyValues`` of a gs.Constant not loaded yet, else None."""
+    from onnx_graphsurgeon.ir.tensor import LazyValues
+
+    v = getattr(t, "_values", None)
+    return v if isinstance(v, LazyValues) else None
+
+
+def _volume(shape: Any) -> int:
+    n = 1
+    for d in shape or ():
+        n *= int(d)
+    return n
+
+
+def const_meta(t: Any) -> tuple[tuple, np.dtype] | None:
+    """(shape, dtype) of a constant without loading its values; None if ``t`` is computed."""
+    gs = _gs()
+    if isinstance(t, gs.Constant):
+        try:
+            return tuple(int(d) for d in t.shape), np.dtype(t.dtype)
+        except Exception:  # noqa: BLE001 - unknown dtype
+            v = const_value(t)
+            return None if v is None else (v.shape, v.dtype)
+    v = const_value(t)
+    return None if v is None else (v.shape, v.dtype)
 
 
 def _producer(t: Any) -> Any | None:
@@ -109,14 +148,14 @@ def _producer(t: Any) -> Any | None:
 
 
 def _is_const(t: Any) -> bool:
-    return const_value(t) is not None
+    return isinstance(t, _gs().Constant) or const_value(t) is not None
 
 
 def _resolve_const(t: Any) -> tuple[Any, list[Any]] | None:
     """Follow ``Identity``/``Transpose``/``Cast`` back to a constant: (constant tensor, ops on the way)."""
     chain: list[Any] = []
     for _ in range(4):
-        if const_value(t) is not None:
+        if _is_const(t):
             return t, chain
         p = _producer(t)
         if p is None or p.op not in _PASS_WEIGHT or not p.inputs:
@@ -180,16 +219,29 @@ class Linear:
         return w.T if self.layout == "in_out" and w.ndim == 2 else w
 
     @property
+    def weight_shape(self) -> tuple:
+        """Shape of :attr:`weight` (as the node sees it), without loading the values."""
+        shape = tuple(const_meta(self.weight_const)[0])
+        for op in self.weight_ops[::-1]:
+            if op.op == "Transpose":
+                perm = op.attrs.get("perm")
+                shape = tuple(shape[p] for p in perm) if perm is not None else shape[::-1]
+        return shape
+
+    def _torch_shape(self) -> tuple:
+        s = self.weight_shape
+        return s[::-1] if self.layout == "in_out" and len(s) == 2 else s
+
+    @property
     def in_features(self) -> int:
-        w = self.torch_weight()
-        return int(w.shape[1]) * (int(self.node.attrs.get("group", 1)) if self.op == "Conv" else 1)
+        return int(self._torch_shape()[1]) * (int(self.node.attrs.get("group", 1)) if self.op == "Conv" else 1)
 
     @property
     def out_features(self) -> int:
-        w = self.torch_weight()
+        s = self._torch_shape()
         if self.op == "ConvTranspose":
-            return int(w.shape[1]) * int(self.node.attrs.get("group", 1))
-        return int(w.shape[0])
+            return int(s[1]) * int(self.node.attrs.get("group", 1))
+        return int(s[0])
 
     def set_weight(self, torch_layout: np.ndarray, name: str | None = None) -> None:
         """Give the layer a new weight (PyTorch layout); a new constant, the old one is not touched."""
@@ -241,10 +293,11 @@ def as_linear(node: Any) -> Linear | None:
     if r is None:
         return None
     c, chain = r
-    v = const_value(c)
-    if v is None or v.dtype.kind != "f" or v.ndim < 2:
+    meta = const_meta(c)
+    if meta is None or meta[1].kind != "f" or len(meta[0]) < 2:
         return None
-    if node.op in ("MatMul", "Gemm") and v.ndim != 2:
+    vshape = meta[0]
+    if node.op in ("MatMul", "Gemm") and len(vshape) != 2:
         return None
     layout = "in_out" if node.op == "MatMul" or (node.op == "Gemm" and not node.attrs.get("transB", 0)) else "out_in"
     lin = Linear(node=node, weight_const=c, weight_ops=chain, layout=layout, output=node.outputs[0])
@@ -262,8 +315,8 @@ def as_linear(node: Any) -> Linear | None:
                 continue
             rb = _resolve_const(t)
             if rb is not None:
-                bv = const_value(rb[0])
-                if bv is not None and bv.size == v.shape[1] and bv.shape[-1:] == (v.shape[1],):
+                bm = const_meta(rb[0])
+                if bm is not None and _volume(bm[0]) == vshape[1] and tuple(bm[0][-1:]) == (vshape[1],):
                     lin.bias_const, lin.bias_node, lin.bias_index, lin.output = rb[0], add, i, add.outputs[0]
     return lin
 
@@ -957,31 +1010,9 @@ def import_graph(model: Any, infer_shapes: bool = True, base_dir: str | None = N
 
 def light_model(model: Any, keep_elements: int = 64) -> Any:
     """A copy of ``model`` whose initializers over ``keep_elements`` elements keep dims but no data."""
-    import onnx
+    from ..onnx_io import light_model as _light
 
-    light = onnx.ModelProto()
-    for f in ("ir_version", "producer_name", "producer_version", "domain", "model_version", "doc_string"):
-        setattr(light, f, getattr(model, f))
-    light.opset_import.extend(model.opset_import)
-    light.metadata_props.extend(model.metadata_props)
-    light.functions.extend(model.functions)
-    g, lg = model.graph, light.graph
-    lg.name = g.name
-    lg.node.extend(g.node)
-    lg.input.extend(g.input)
-    lg.output.extend(g.output)
-    lg.value_info.extend(g.value_info)
-    for t in g.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        if n <= keep_elements and t.data_location != 1:
-            lg.initializer.append(t)
-        else:
-            s = lg.initializer.add()
-            s.name, s.data_type = t.name, t.data_type
-            s.dims.extend(t.dims)
-    return light
+    return _light(model, keep_elements)
 
 
 def _collect(inferred: Any) -> dict[str, tuple[Any, list]]:

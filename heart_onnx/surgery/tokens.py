@@ -29,7 +29,8 @@ import numpy as np
 
 from ..errors import HeartError, UnsupportedGraph
 from ..plan import Plan
-from ._attn import SHAPE_INPUT, const_value, gs_mod, producer, replace_value, rewrite_shape_input
+from .carriers import SHAPE_INPUT, gs_mod, producer, replace_value, rewrite_shape_input
+from .match import const_value
 
 
 @dataclass(frozen=True)

@@ -15,14 +15,27 @@ TOPK_MAX = 3840
 INT32 = 6
 
 
-def _consts(graph: Any) -> dict[str, np.ndarray]:
+def _consts(graph: Any, max_elements: int = 4096) -> tuple[dict[str, np.ndarray], set[str]]:
+    """Values of the small constants (TopK K, indices) and the names of every constant.
+
+    Big initializers are not read (weights play no part in these rules; surgery checks a copy whose
+    untouched weights are external-data stubs).
+    """
     from onnx import numpy_helper
 
-    out = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    names = {i.name for i in graph.initializer}
+    out = {}
+    for i in graph.initializer:
+        n = 1
+        for d in i.dims:
+            n *= d
+        if n <= max_elements and i.data_location != 1:
+            out[i.name] = numpy_helper.to_array(i)
     for n in graph.node:
         if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
             out[n.output[0]] = numpy_helper.to_array(n.attribute[0].t)
-    return out
+            names.add(n.output[0])
+    return out, names
 
 
 def _attr(node: Any, name: str, default: Any) -> Any:
@@ -39,7 +52,7 @@ def check_trt_rules(model: Any, int32_indices: bool = False) -> list[str]:
     import onnx
 
     g = model.graph
-    consts = _consts(g)
+    consts, const_names = _consts(g)
     ranks: dict[str, int] = {}
     types: dict[str, int] = {}
     try:
@@ -72,7 +85,7 @@ def check_trt_rules(model: Any, int32_indices: bool = False) -> list[str]:
             bad.append(f"{where}: Scatter with reduction is rejected or wrong in TensorRT (fuse with MatMul/ReduceSum)")
         elif int32_indices and n.op_type == "GatherElements" and len(n.input) > 1:
             idx = n.input[1]
-            if idx in consts:
+            if idx in const_names:
                 continue
             t = types.get(idx)
             if t is not None and t != INT32:
