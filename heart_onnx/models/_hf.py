@@ -171,6 +171,36 @@ class HFTransformerAdapter(ModelAdapter):
         return p.device, p.dtype
 
 
+class HFTextAdapter(HFTransformerAdapter):
+    """Shared part of the token-input HF adapters (BERT-like, GPT-NeoX): ``eager`` (default True) switches
+    the model to eager attention; ``kind`` is ``KIND_HEAD_ATTRS``' kind when the model has one of those
+    heads, else ``"encoder"``; inputs are ``input_ids`` (a tensor) or a dict, plus ``FORWARD_EXTRA``."""
+
+    KIND_HEAD_ATTRS: tuple[str, ...] = ()  # attributes whose presence means a task head
+    HEAD_KIND = "classifier"  # the kind with such a head
+    FORWARD_EXTRA: dict[str, Any] = {}  # extra keyword arguments for every forward (e.g. use_cache=False)
+
+    def __init__(self, model: nn.Module, eager: bool = True):
+        super().__init__(model, eager=eager)
+        self.kind = self.HEAD_KIND if any(hasattr(model, a) for a in self.KIND_HEAD_ATTRS) else "encoder"
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.config.vocab_size)
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.config.max_position_embeddings)
+
+    def forward(self, inputs: Any) -> torch.Tensor:
+        feed = dict(inputs) if isinstance(inputs, dict) else {"input_ids": inputs}
+        return super().forward({**feed, **self.FORWARD_EXTRA})
+
+    def example_inputs(self, batch: int = 1, seq_len: int | None = None) -> dict[str, torch.Tensor]:
+        """``input_ids`` (batch, seq_len) random ids and an all-ones ``attention_mask`` (default seq_len 16)."""
+        return text_inputs(self, self.vocab_size, batch, seq_len, 16, self.max_positions)
+
+
 def text_inputs(adapter: ModelAdapter, vocab: int, batch: int, seq_len: int | None, default_len: int = 16,
                 max_len: int | None = None) -> dict[str, torch.Tensor]:
     """``{"input_ids": (B, T) int64 in [0, vocab), "attention_mask": (B, T) int64 ones}``."""

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from torch import nn
 
-from ._hf import HFTransformerAdapter, first_path, text_inputs
+from ._hf import HFTextAdapter, first_path
 
 _LAYERS = ("bert.encoder.layer", "roberta.encoder.layer", "electra.encoder.layer", "encoder.layer")
 _ROLES = {
@@ -37,7 +36,7 @@ def is_bert_like(model: nn.Module) -> bool:
     return all(first_path(blk, _ROLES[r]) is not None for r in ("head_input", "q", "k", "v", "fc1", "fc2"))
 
 
-class BertAdapter(HFTransformerAdapter):
+class BertAdapter(HFTextAdapter):
     """HF BERT-like encoder. ``eager`` (default True) switches the model to eager attention."""
 
     family = "bert"
@@ -45,21 +44,12 @@ class BertAdapter(HFTransformerAdapter):
     ROLES = _ROLES
     WEIGHT_ROLES = ("q", "k", "v", "head_input", "fc1", "fc2")
 
-    def __init__(self, model: nn.Module, eager: bool = True):
-        super().__init__(model, eager=eager)
-        self.kind = "classifier" if hasattr(model, "classifier") else "encoder"
+    KIND_HEAD_ATTRS = ("classifier",)
+    HEAD_KIND = "classifier"
 
     @property
     def prefix_tokens(self) -> int:
         return 1
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.config.vocab_size)
-
-    @property
-    def max_positions(self) -> int:
-        return int(self.config.max_position_embeddings)
 
     def geometry(self) -> dict[str, Any]:
         g = super().geometry()
@@ -67,12 +57,3 @@ class BertAdapter(HFTransformerAdapter):
         g.update(vocab=self.vocab_size, pooler=self.kind == "classifier"
                  and any(n.split(".")[-1] == "pooler" for n, _ in self.model.named_modules()))
         return g
-
-    def forward(self, inputs: Any) -> torch.Tensor:
-        if isinstance(inputs, dict):
-            return super().forward(inputs)
-        return super().forward({"input_ids": inputs})
-
-    def example_inputs(self, batch: int = 1, seq_len: int | None = None) -> dict[str, torch.Tensor]:
-        """``input_ids`` (batch, seq_len) random ids and an all-ones ``attention_mask`` (default seq_len 16)."""
-        return text_inputs(self, self.vocab_size, batch, seq_len, 16, self.max_positions)

@@ -12,13 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
-from torch import nn
-
-from ._hf import HFTransformerAdapter, text_inputs
+from ._hf import HFTextAdapter
 
 
-class GPTNeoXAdapter(HFTransformerAdapter):
+class GPTNeoXAdapter(HFTextAdapter):
     """HF GPT-NeoX / Pythia. ``eager`` (default True) switches the model to eager attention."""
 
     family = "gpt_neox"
@@ -32,21 +29,13 @@ class GPTNeoXAdapter(HFTransformerAdapter):
     }
     WEIGHT_ROLES = ("qkv", "head_input", "fc1", "fc2")
 
-    def __init__(self, model: nn.Module, eager: bool = True):
-        super().__init__(model, eager=eager)
-        self.kind = "lm" if hasattr(model, "lm_head") or hasattr(model, "embed_out") else "encoder"
+    KIND_HEAD_ATTRS = ("lm_head", "embed_out")
+    HEAD_KIND = "lm"
+    FORWARD_EXTRA = {"use_cache": False}
 
     @property
     def rotary_ndims(self) -> int:
         return int(self.role(0, "attn").rotary_ndims)
-
-    @property
-    def vocab_size(self) -> int:
-        return int(self.config.vocab_size)
-
-    @property
-    def max_positions(self) -> int:
-        return int(self.config.max_position_embeddings)
 
     def geometry(self) -> dict[str, Any]:
         g = super().geometry()
@@ -58,12 +47,3 @@ class GPTNeoXAdapter(HFTransformerAdapter):
         """Output columns of ``query_key_value`` owned by ``head`` (its q, k and v: ``3*Dh`` wide)."""
         w = 3 * self.head_dim
         return slice(head * w, (head + 1) * w)
-
-    def forward(self, inputs: Any) -> torch.Tensor:
-        if isinstance(inputs, dict):
-            return super().forward({**inputs, "use_cache": False})
-        return super().forward({"input_ids": inputs, "use_cache": False})
-
-    def example_inputs(self, batch: int = 1, seq_len: int | None = None) -> dict[str, torch.Tensor]:
-        """``input_ids`` (batch, seq_len) random tokens and an all-ones ``attention_mask`` (default seq_len 16)."""
-        return text_inputs(self, self.vocab_size, batch, seq_len, 16, self.max_positions)

@@ -20,6 +20,7 @@ import numpy as np
 from .._deps import require
 from ..errors import HeartError
 from .base import Runner, TensorSpec
+from .trt_flags import POLYGRAPHY_PRECISIONS, BuildFlags
 
 
 class TrtRunner(Runner):
@@ -38,8 +39,7 @@ class TrtRunner(Runner):
                  calib_cache: str | os.PathLike | None = None, workspace_mb: int | None = None, rebuild: bool = False,
                  profiles: Mapping[str, tuple[tuple, tuple, tuple]] | None = None):
         super().__init__()
-        if precision not in ("fp32", "fp16", "int8"):
-            raise HeartError(f"unknown precision {precision!r}: use fp32, fp16 or int8")
+        self.flags = BuildFlags.of(precision, sparsity, allowed=POLYGRAPHY_PRECISIONS)
         self.path = Path(path)
         self.precision = precision
         self.sparsity = sparsity
@@ -71,8 +71,7 @@ class TrtRunner(Runner):
             calibrator = Calibrator(data_loader=self.calib_batches, cache=str(self.calib_cache) if self.calib_cache else None)
         pools = {trt.MemoryPoolType.WORKSPACE: self.workspace_mb << 20} if self.workspace_mb else None
         return CreateConfig(
-            fp16=self.precision in ("fp16", "int8"), int8=self.precision == "int8", sparse_weights=self.sparsity,
-            profiles=profiles, calibrator=calibrator, memory_pool_limits=pools,
+            **self.flags.polygraphy_config(), profiles=profiles, calibrator=calibrator, memory_pool_limits=pools,
             load_timing_cache=str(self.timing_cache) if self.timing_cache and self.timing_cache.exists() else None,
         )
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import HeartError
+from .trt_flags import BuildFlags
 
 _METRIC = re.compile(r"\[I\]\s+(Latency|Enqueue Time|H2D Latency|GPU Compute Time|D2H Latency|End-to-End Host Latency):\s*(.*)$", re.M)
 _FIELD = re.compile(r"(min|max|mean|median|percentile\((\d+(?:\.\d+)?)%\))\s*=\s*([0-9.eE+-]+)\s*ms")
@@ -89,8 +90,7 @@ class TrtexecRunner:
                  engine_path: str | os.PathLike | None = None, timing_cache: str | os.PathLike | None = None,
                  shapes: Mapping[str, Sequence[int]] | None = None, iterations: int = 200, warmup_ms: int = 500,
                  duration_s: float = 3, extra_args: Sequence[str] = (), trtexec: str | None = None, timeout_s: float = 3600):
-        if precision not in ("fp32", "fp16", "int8", "best"):
-            raise HeartError(f"unknown precision {precision!r}: use fp32, fp16, int8 or best")
+        self.flags = BuildFlags.of(precision, sparsity)
         self.path = Path(path)
         self.precision = precision
         self.sparsity = sparsity
@@ -112,10 +112,7 @@ class TrtexecRunner:
             cmd.append(f"--onnx={self.path}")
             if self.engine_path:
                 cmd.append(f"--saveEngine={self.engine_path}")
-            if self.precision in ("fp16", "int8", "best"):
-                cmd.append(f"--{self.precision}")
-            if self.sparsity:
-                cmd.append("--sparsity=enable")
+            cmd += self.flags.trtexec_args()
             if self.timing_cache:
                 cmd.append(f"--timingCacheFile={self.timing_cache}")
         if self.shapes:
