@@ -22,7 +22,8 @@ fusions ORT applies to the dense graph survive surgery. ``--profile`` adds ORT's
 (``enable_profiling``, one run at the largest batch) for dense and each pruned graph.
 
 Surgery cost (heads 50% + tokens 30% is the acceptance plan; every plan is measured): ``prune`` in a
-fresh subprocess; wall time; peak RSS (``ru_maxrss``) minus the RSS after imports; tracemalloc peak
+fresh subprocess; wall time; peak RSS (``VmHWM``, the same high-water mark as ``ru_maxrss`` but not
+inherited from the forking parent at exec) minus the peak after imports; tracemalloc peak
 (Python allocations only: protobuf's upb arenas are C allocations that tracemalloc does not see) in a
 second subprocess for the acceptance plan. Targets <= 15 s and <= 3x the model's weight bytes.
 
@@ -51,16 +52,21 @@ import json, resource, sys, time
 import numpy, onnx, onnx_graphsurgeon, onnxruntime  # noqa: F401 - baseline: the imports prune needs
 from heart_onnx.plan import Plan
 from heart_onnx.surgery.api import prune
+def hwm():  # peak RSS of this process image (ru_maxrss would include the parent's RSS at fork)
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 plan = Plan.load(sys.argv[2])
 trace = sys.argv[4] == "1"
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = hwm()
 if trace:
     import tracemalloc
     tracemalloc.start()
 t0 = time.perf_counter()
 prune(sys.argv[1], plan, sys.argv[3])
 dt = time.perf_counter() - t0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = hwm()
 out = {"seconds": dt, "rss_baseline_bytes": base, "rss_peak_bytes": peak, "rss_delta_bytes": peak - base}
 if trace:
     out["tracemalloc_peak_bytes"] = tracemalloc.get_traced_memory()[1]

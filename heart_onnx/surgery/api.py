@@ -232,10 +232,15 @@ def prune_model(model: Any, plan: Plan, *, int32_indices: bool = False, check: b
 
 
 def smoke_run(model: Any, batch: int = 2) -> list[np.ndarray]:
-    """Run ``model`` (a ``ModelProto`` or a path) once on ONNX Runtime CPU with random inputs (batch ``batch``, default 2)."""
+    """Run ``model`` (a ``ModelProto`` or a path) once on ONNX Runtime CPU with random inputs (batch ``batch``, default 2).
+
+    Threads: ``OMP_NUM_THREADS`` when set, else ONNX Runtime's default. Raises UnsupportedGraph on
+    non-finite outputs.
+    """
     ort = require("onnxruntime", "the ONNX Runtime smoke run")
     so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    so.intra_op_num_threads = int(threads) if threads.isdigit() else 0  # 0: ONNX Runtime's default (all cores)
     so.log_severity_level = 3
     src = os.fspath(model) if isinstance(model, (str, os.PathLike)) else model.SerializeToString()
     sess = ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
