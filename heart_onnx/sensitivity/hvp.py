@@ -141,6 +141,11 @@ def hutchinson_trace(loss_fn: LossFn, params: torch.Tensor | Tensors, n_probes: 
       than plain Hutchinson's wherever the spectrum decays (Hessians, Gauss-Newton matrices); with fewer
       than 3 probes it is plain Hutchinson. Holds ``k`` parameter-sized vectors (``Q``) in memory.
 
+    Measured (``benchmarks/hutchpp_accuracy.py``, 100 HVPs, mean relative error over 10 seeds): small MLP with
+    labelled CE (indefinite, sum|lambda| < 8 |tr|) 1.3% vs 9.9% plain; Gauss-Newton (KL) Hessians of an MLP and a
+    tiny attention model 0.17% / 0.21% vs 3.2% / 3.1%. Where the trace cancels (sum|lambda| >> |tr|, indefinite)
+    no 100-HVP estimator is within 5% relative to tr(H); Hutch++'s error is then a fraction of sum|lambda|.
+
     Accumulations in float64 (float32 parameters: QR and dots in float64 too). With ``return_std=True``
     also the standard error of the random part (Hutchinson's sample standard error; for hutch++ that of
     the deflated remainder, the exact part having no variance given ``Q``).
