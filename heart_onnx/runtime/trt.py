@@ -12,7 +12,6 @@ nodes. Requires ``tensorrt`` (``pip install 'heart-onnx[trt]'``, preinstalled by
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -20,7 +19,7 @@ import numpy as np
 from .._deps import require
 from ..errors import HeartError
 from .base import Runner, TensorSpec
-from .trt_flags import POLYGRAPHY_PRECISIONS, BuildFlags
+from .trt_flags import POLYGRAPHY_PRECISIONS, init_engine_options
 
 
 class TrtRunner(Runner):
@@ -39,13 +38,7 @@ class TrtRunner(Runner):
                  calib_cache: str | os.PathLike | None = None, workspace_mb: int | None = None, rebuild: bool = False,
                  profiles: Mapping[str, tuple[tuple, tuple, tuple]] | None = None):
         super().__init__()
-        self.flags = BuildFlags.of(precision, sparsity, allowed=POLYGRAPHY_PRECISIONS)
-        self.path = Path(path)
-        self.precision = precision
-        self.sparsity = sparsity
-        self.engine_path = Path(engine_path) if engine_path else None
-        self.timing_cache = Path(timing_cache) if timing_cache else None
-        self.shapes = dict(shapes or {})
+        init_engine_options(self, path, precision, sparsity, engine_path, timing_cache, shapes, POLYGRAPHY_PRECISIONS)
         self.calib_batches = calib_batches
         self.calib_cache = calib_cache
         self.workspace_mb = workspace_mb

@@ -12,7 +12,9 @@ for weights that have the pattern.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+import os
+from pathlib import Path
+from typing import Any, Mapping
 
 from ..errors import HeartError
 
@@ -49,3 +51,17 @@ class BuildFlags:
         """trtexec build arguments for these flags."""
         args = [f"--{self.precision}"] if self.precision != "fp32" else []
         return args + (["--sparsity=enable"] if self.sparsity else [])
+
+
+def init_engine_options(runner: Any, path: str | os.PathLike, precision: str, sparsity: bool,
+                        engine_path: str | os.PathLike | None, timing_cache: str | os.PathLike | None,
+                        shapes: Mapping[str, Any] | None, allowed: tuple[str, ...] = PRECISIONS) -> None:
+    """Set the options both TensorRT runners share on ``runner``: ``flags`` (checked :class:`BuildFlags`),
+    ``path``, ``precision``, ``sparsity``, ``engine_path`` and ``timing_cache`` (Paths or None), ``shapes`` (dict)."""
+    runner.flags = BuildFlags.of(precision, sparsity, allowed=allowed)
+    runner.path = Path(path)
+    runner.precision = precision
+    runner.sparsity = sparsity
+    runner.engine_path = Path(engine_path) if engine_path else None
+    runner.timing_cache = Path(timing_cache) if timing_cache else None
+    runner.shapes = dict(shapes or {})

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from ..errors import HeartError
-from .trt_flags import BuildFlags
+from .trt_flags import init_engine_options
 
 _METRIC = re.compile(r"\[I\]\s+(Latency|Enqueue Time|H2D Latency|GPU Compute Time|D2H Latency|End-to-End Host Latency):\s*(.*)$", re.M)
 _FIELD = re.compile(r"(min|max|mean|median|percentile\((\d+(?:\.\d+)?)%\))\s*=\s*([0-9.eE+-]+)\s*ms")
@@ -90,13 +90,7 @@ class TrtexecRunner:
                  engine_path: str | os.PathLike | None = None, timing_cache: str | os.PathLike | None = None,
                  shapes: Mapping[str, Sequence[int]] | None = None, iterations: int = 200, warmup_ms: int = 500,
                  duration_s: float = 3, extra_args: Sequence[str] = (), trtexec: str | None = None, timeout_s: float = 3600):
-        self.flags = BuildFlags.of(precision, sparsity)
-        self.path = Path(path)
-        self.precision = precision
-        self.sparsity = sparsity
-        self.engine_path = Path(engine_path) if engine_path else None
-        self.timing_cache = Path(timing_cache) if timing_cache else None
-        self.shapes = dict(shapes or {})
+        init_engine_options(self, path, precision, sparsity, engine_path, timing_cache, shapes)
         self.iterations = iterations
         self.warmup_ms = warmup_ms
         self.duration_s = duration_s
