@@ -10,8 +10,9 @@ inputs and fit the two stages of ``heart_onnx.budget``'s calibration (its module
    (:func:`heart_onnx.budget.calibrate`, ``model="power"``): the exchange rate between targets the
    greedy walks with;
 2. for each target set the planner may be asked for (every non-empty subset of ``targets``: the Jupyter
-   tuner toggles them), ``points`` plans along *that set's* curve (stage 1 applied) -> a monotone
-   log-log :class:`heart_onnx.loss_map.LossMap` (:func:`heart_onnx.budget.calibrate_curve`).
+   tuner toggles them), ``points`` plans along *that set's* curve (stage 1 applied), plus bisection
+   where neighbouring measurements jump by more than ``max_gap`` -> a monotone log-log
+   :class:`heart_onnx.loss_map.LossMap` (:func:`heart_onnx.budget.calibrate_curve`).
 
 Stage-2 points are spread evenly in log predicted loss over ``[lo, hi]`` (defaults 1e-3 .. 1 nats, the
 range budgets are given in; the curve's own end if it is shorter), so each budget in that range lies
@@ -64,9 +65,34 @@ def _plan_at(curve: Any, i: int) -> Any:
     return curve.to_plan(float(curve.loss[i]) * (1 + 1e-9) + 1e-15)
 
 
+def _measure_refined(curve: Any, start: Sequence[int], measure: Any, max_gap: float, max_extra: int) -> dict[int, float]:
+    """Measure the curve points ``start``, then bisect between neighbours whose measurements differ by more than
+    a factor ``max_gap`` while curve points lie between them (at most ``max_extra`` more measurements): a
+    jump in the curve (one step that costs much more than predicted) gets a knot on each side of it, so the
+    log-log interpolation never spreads it over the plans before it. Returns ``{index: measured}`` (sorted)."""
+    got: dict[int, float] = {}
+    for i in start:
+        plan = _plan_at(curve, i)
+        if not plan.is_empty:
+            got[i] = measure(plan)
+    extra = 0
+    while extra < max_extra:
+        ks = sorted(got)
+        gaps = [(a, b) for a, b in zip(ks, ks[1:]) if b - a > 1 and got[b] > max_gap * max(got[a], 1e-12)]
+        if not gaps:
+            break
+        for a, b in gaps:
+            if extra >= max_extra:
+                break
+            mid = (a + b) // 2
+            got[mid] = measure(_plan_at(curve, mid))
+            extra += 1
+    return {i: got[i] for i in sorted(got)}
+
+
 def calibrate_on_data(model: Any, sens: Any, x: Any, targets: Sequence[str] = ("heads", "tokens"),
                       points: int = 12, calibration_model: str = "power", sets: Sequence[Sequence[str]] | None = None,
-                      lo: float = 1e-3, hi: float = 1.0) -> dict[str, Any]:
+                      lo: float = 1e-3, hi: float = 1.0, max_gap: float = 1.5) -> dict[str, Any]:
     """Measure plans on inputs ``x`` and store both calibration stages in ``sens.meta["calibration"]``.
 
     Options (defaults): ``targets=("heads", "tokens")``; ``points=12`` measured plans per curve (stage 1: per
@@ -75,7 +101,9 @@ def calibrate_on_data(model: Any, sens: Any, x: Any, targets: Sequence[str] = ("
     6-8% with 12 and 4-5% with 24, while val -> held-out sampling noise is 15-25%: see
     ``benchmarks/budget_accuracy.py --points-sweep``);
     ``calibration_model="power"`` for stage 1 (see ``budget.calibrate``); ``sets`` the target sets that get
-    a stage-2 curve (default None: every non-empty subset of ``targets``). Returns the calibration dict with
+    a stage-2 curve (default None: every non-empty subset of ``targets``); ``max_gap=1.5``: stage-2 knots whose
+    measurements differ by more than this factor are bisected (up to ``2 * points`` more plans per curve,
+    :func:`_measure_refined`). Returns the calibration dict with
     the stage-1 measurements under ``"points"`` and the stage-2 ones inside ``"curves"``; ``x`` must be
     calibration data, not training or held-out data (module docstring).
     """
@@ -102,13 +130,10 @@ def calibrate_on_data(model: Any, sens: Any, x: Any, targets: Sequence[str] = ("
     curves: dict[str, Any] = {}
     for ts in sets:
         curve = pareto(sens, list(ts))  # no stage-2 curve for this set yet: loss is the stage-1 prediction
-        raw, meas = [], []
-        for i in curve_points(curve, points, lo, hi):
-            plan = _plan_at(curve, i)
-            if plan.is_empty:
-                continue
-            raw.append(float(curve.loss[i]))
-            meas.append(measured_kl(model, plan, x, dense))
+        got = _measure_refined(curve, curve_points(curve, points, lo, hi), lambda p: measured_kl(model, p, x, dense),
+                               max_gap, 2 * points)
+        raw = [float(curve.loss[i]) for i in got]
+        meas = [got[i] for i in got]
         if raw and max(meas) > 0:
             curves[target_key(ts)] = calibrate_curve(sens, ts, raw, meas).to_dict()
     cal = dict(sens.meta["calibration"])

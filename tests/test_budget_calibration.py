@@ -143,3 +143,34 @@ def test_demo_vit_calibrated_predictions_match_heldout(tmp_path):
         assert 0.3 * b <= pred <= b * (1 + 1e-9)
         meas = measured_kl(model, p, x_te, dense)
         assert 0.5 <= meas / pred <= 2.0, (b, pred, meas)
+
+
+def test_cli_analyze_calibrate_then_plan(tmp_path, capsys):
+    """``analyze --calibrate digits:val`` stores the loss maps; ``plan`` then predicts what the plan measures on
+    those images (recomputed here by hand with masking) within the map's interpolation error."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("timm")
+    from heart_onnx.cli.main import main
+    from heart_onnx.models.demo import demo_vit, digits_val
+    from heart_onnx.models.masking import apply_plan
+    from heart_onnx.plan import Plan
+
+    sens_path, plan_path = tmp_path / "s.npz", tmp_path / "p.json"
+    assert main(["analyze", "--model", "demo-vit", "--data", "digits:val", "-n", "64", "--calibrate", "digits:val",
+                 "-o", str(sens_path), "--json"]) == 0
+    s = Sensitivities.load(sens_path)
+    assert set(s.meta["calibration"]["curves"]) == {"heads", "tokens", "heads,tokens"}
+    assert s.meta["calibration_data"] == "digits:val"
+    capsys.readouterr()
+    assert main(["plan", str(sens_path), "--budget", "0.1", "-o", str(plan_path), "--json"]) == 0
+    p = Plan.load(plan_path)
+    assert p.notes["calibration_curve"] == "heads,tokens" and 0 < p.predicted_loss_change <= 0.1 * (1 + 1e-9)
+    model = demo_vit()
+    x, _ = digits_val()
+    x = x[:64]
+    with torch.no_grad():
+        lq = torch.log_softmax(model(x), -1)  # (64, 10) dense
+        with apply_plan(model, p) as masked:
+            lp = torch.log_softmax(masked.forward(x), -1)  # (64, 10) pruned
+    meas = float((lq.exp() * (lq - lp)).sum(-1).mean())
+    assert 1 / 1.6 <= meas / p.predicted_loss_change <= 1.6

@@ -33,6 +33,9 @@ def register(sub: Any) -> None:
     p.add_argument("--holdout", type=float, default=0.25, help="fraction of batches held out to rate the token scorers (default 0.25)")
     p.add_argument("--seed", type=int, default=0, help="probe seed (default 0)")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--calibrate", default=None, metavar="SPEC",
+                   help="data spec to calibrate the planner on (measured plans, heart_onnx.calibration; e.g. digits:val): "
+                        "never training or held-out data (default: none, predictions stay raw second-order sums)")
     add_output_flag(p, "the sensitivities (.npz)")
     add_json_flag(p)
     p.set_defaults(func=run)
@@ -79,6 +82,17 @@ def run(args: argparse.Namespace) -> int:
                    token_scorer=args.token_scorer, estimator=args.estimator, progress=progress)
     sens.meta["model"] = args.model
     sens.meta["data"] = args.data
+    if args.calibrate:
+        from ..calibration import calibrate_on_data
+        from ..data import concat_batches
+
+        cal_targets = [t for t in targets if t in ("heads", "tokens")]
+        if not cal_targets or getattr(adapter, "kind", "") == "lm" or adapter.seq_len is None:
+            raise HeartError("--calibrate supports head/token targets of image classifiers: drop --calibrate")
+        x_cal = concat_batches(load_data(args.calibrate, adapter, n=args.samples, batch_size=args.batch_size))[0].to(device)
+        with torch.no_grad():
+            calibrate_on_data(model.eval(), sens, x_cal, targets=cal_targets)
+        sens.meta["calibration_data"] = args.calibrate
     if rank == 0:
         sens.save(out)
         summary = sens.summary()
