@@ -9,49 +9,31 @@ projection). Its score is ``-g.z_h + 1/2 z_h^T H z_h`` (see ``probes.py``).
 """
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import nn
 
 from .hvp import HVP
-from .probes import exact_scores, first_order, probe_scores
+from .perturbation import Perturbation
 
 
-class HeadPerturbation:
+class HeadPerturbation(Perturbation):
     """Context manager: pre-hooks adding ``delta_l`` to the head-concat input of each layer in ``layers``.
 
     After a forward: ``deltas`` (list, one (B, N, H*Dh) tensor per layer, requires grad) and ``z`` (the
     dense inputs, detached). ``params`` is the shared list the deltas are appended to (default: own list).
     """
 
-    def __init__(self, adapter, layers: Sequence[int] | None = None, params: list | None = None):
-        self.adapter = adapter
-        self.layers = list(range(adapter.num_layers)) if layers is None else list(layers)
-        self.params = [] if params is None else params
-        self.slots: list[int] = []
-        self.z: list[torch.Tensor] = []
-        self._handles: list = []
-
     def _hook(self, j: int):
         def pre(_mod: nn.Module, args: tuple):
             x = args[0]  # (B, N, H*Dh)
-            d = torch.zeros_like(x, requires_grad=True)
-            self.slots.append(len(self.params))
-            self.params.append(d)
+            d = self._new_delta(x)
             self.z.append(x.detach())
             return (x + d,) + tuple(args[1:])
         return pre
 
-    def __enter__(self) -> "HeadPerturbation":
-        for j, l in enumerate(self.layers):
-            self._handles.append(self.adapter.head_input_module(l).register_forward_pre_hook(self._hook(j)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _install(self, handles: list) -> None:
+        handles.extend(self.adapter.head_input_module(l).register_forward_pre_hook(self._hook(j))
+                       for j, l in enumerate(self.layers))
 
     def view(self, t: torch.Tensor) -> torch.Tensor:
         """(B, N, H*Dh) -> (B, H, N*Dh): elements grouped by head."""
@@ -67,8 +49,4 @@ class HeadPerturbation:
 
     def scores(self, op: HVP, n_probes: int, gen: torch.Generator, exact: bool = False) -> torch.Tensor:
         """Per-input predicted loss increase of removing each head: (B, L, H) float64 on CPU."""
-        if len(self.z) != len(self.layers):
-            raise RuntimeError("run exactly one forward inside the HeadPerturbation context before scoring")
-        second = exact_scores(op, self.z, self.slots, self.view, self.scale) if exact else \
-            probe_scores(op, self.z, self.slots, self.view, self.scale, n_probes, gen)
-        return first_order(op, self.z, self.slots, self.view).double().cpu() + second
+        return self._scores(op, n_probes, gen, exact)

@@ -33,27 +33,22 @@ import torch
 from torch import nn
 
 from .hvp import HVP
-from .probes import exact_scores, first_order, probe_scores
+from .perturbation import Perturbation
 
 
 def _out(o):
     return o[0] if isinstance(o, (tuple, list)) else o
 
 
-class TokenPerturbation:
+class TokenPerturbation(Perturbation):
     """Context manager: forward hooks adding ``delta_l`` (B, N, D) to each block output in ``layers``.
 
     After a forward: ``deltas`` in ``params`` (at ``slots``) and ``z`` (dense hidden states, detached).
     """
 
     def __init__(self, adapter, layers: Sequence[int] | None = None, params: list | None = None):
-        self.adapter = adapter
-        self.layers = list(range(adapter.num_layers)) if layers is None else list(layers)
-        self.params = [] if params is None else params
-        self.slots: list[int] = []
-        self.z: list[torch.Tensor] = []
+        super().__init__(adapter, layers, params)
         self.prefix = int(adapter.prefix_tokens or 0)
-        self._handles: list = []
 
     @property
     def hidden(self) -> list[torch.Tensor]:
@@ -63,9 +58,7 @@ class TokenPerturbation:
     def _hook(self, j: int):
         def post(_mod: nn.Module, _args: tuple, out):
             x = _out(out)  # (B, N, D)
-            d = torch.zeros_like(x, requires_grad=True)
-            self.slots.append(len(self.params))
-            self.params.append(d)
+            d = self._new_delta(x)
             self.z.append(x.detach())
             y = x + d
             if isinstance(out, tuple):
@@ -75,15 +68,8 @@ class TokenPerturbation:
             return y
         return post
 
-    def __enter__(self) -> "TokenPerturbation":
-        for j, l in enumerate(self.layers):
-            self._handles.append(self.adapter.block_module(l).register_forward_hook(self._hook(j)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+    def _install(self, handles: list) -> None:
+        handles.extend(self.adapter.block_module(l).register_forward_hook(self._hook(j)) for j, l in enumerate(self.layers))
 
     @staticmethod
     def view(t: torch.Tensor) -> torch.Tensor:
@@ -97,12 +83,8 @@ class TokenPerturbation:
 
     def scores(self, op: HVP, n_probes: int, gen: torch.Generator, exact: bool = False) -> torch.Tensor:
         """Per-input predicted loss increase of dropping each token: (B, L, N) float64 on CPU, prefix = nan."""
-        if len(self.z) != len(self.layers):
-            raise RuntimeError("run exactly one forward inside the TokenPerturbation context before scoring")
         P = self.prefix
-        second = exact_scores(op, self.z, self.slots, self.view, self.scale, skip=P) if exact else \
-            probe_scores(op, self.z, self.slots, self.view, self.scale, n_probes, gen, skip=P)
-        s = first_order(op, self.z, self.slots, self.view).double().cpu() + second
+        s = self._scores(op, n_probes, gen, exact, skip=P)
         s[:, :, :P] = float("nan")
         return s
 
@@ -127,7 +109,7 @@ def gates_supported(adapter) -> bool:
     return all(probs_module(adapter, l) is not None for l in range(adapter.num_layers))
 
 
-class TokenGates:
+class TokenGates(Perturbation):
     """Context manager: a gate ``1 + delta_l`` (B, N) per stage ``l`` on the attention keys of blocks ``> l``.
 
     After a forward: gate perturbations in ``params`` (at ``slots``), ``z`` = ones (the component of
@@ -135,23 +117,16 @@ class TokenGates:
     """
 
     def __init__(self, adapter, layers: Sequence[int] | None = None, params: list | None = None):
-        self.adapter = adapter
-        self.layers = list(range(adapter.num_layers)) if layers is None else list(layers)
-        self.params = [] if params is None else params
-        self.slots: list[int] = []
-        self.z: list[torch.Tensor] = []
+        super().__init__(adapter, layers, params)
         self.hidden: list[torch.Tensor] = []
         self.prefix = int(adapter.prefix_tokens or 0)
         self._gates: dict[int, torch.Tensor] = {}
-        self._handles: list = []
         self._fused: list = []
 
     def _post(self, l: int):
         def post(_mod: nn.Module, _args: tuple, out):
             x = _out(out)  # (B, N, D)
-            d = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device, requires_grad=True)  # (B, N)
-            self.slots.append(len(self.params))
-            self.params.append(d)
+            d = self._new_delta(x, x.shape[:2])  # (B, N)
             self.z.append(torch.ones_like(d).detach())
             self.hidden.append(x.detach())
             self._gates[l] = d
@@ -168,9 +143,9 @@ class TokenGates:
             return (A / A.sum(-1, keepdim=True),) + tuple(args[1:])
         return pre
 
-    def __enter__(self) -> "TokenGates":
+    def _install(self, handles: list) -> None:
         for l in self.layers:
-            self._handles.append(self.adapter.block_module(l).register_forward_hook(self._post(l)))
+            handles.append(self.adapter.block_module(l).register_forward_hook(self._post(l)))
         for k in range(self.adapter.num_layers):
             mod = probs_module(self.adapter, k)
             if mod is None:
@@ -179,15 +154,11 @@ class TokenGates:
             if attn is not None and getattr(attn, "fused_attn", False):
                 self._fused.append(attn)
                 attn.fused_attn = False
-            self._handles.append(mod.register_forward_pre_hook(self._pre(k)))
-        return self
+            handles.append(mod.register_forward_pre_hook(self._pre(k)))
 
-    def __exit__(self, *exc) -> None:
-        for h in self._handles:
-            h.remove()
+    def _restore(self) -> None:
         for attn in self._fused:
             attn.fused_attn = True
-        self._handles.clear()
         self._fused.clear()
         self._gates.clear()
 
