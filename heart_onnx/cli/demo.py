@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_json_flag, emit_json, new_parser
+from .common import add_json_flag, emit_json, float_list, new_parser
 
 
 def register(sub) -> None:
@@ -24,20 +24,11 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _budgets(text: str) -> tuple[float, ...]:
-    from ..errors import HeartError
-
-    try:
-        return tuple(float(b) for b in text.split(",") if b.strip())
-    except ValueError:
-        raise HeartError(f"--budgets must be comma-separated numbers of nats, got {text!r}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     from ..demo import run_demo, table_lines
 
     log = (lambda m: print(m, file=sys.stderr, flush=True)) if args.json else (lambda m: print(m, flush=True))
-    summary = run_demo(args.output, budgets=_budgets(args.budgets), n_calib=args.calib,
+    summary = run_demo(args.output, budgets=float_list(args.budgets, "--budgets (nats)"), n_calib=args.calib,
                        finetune_epochs=args.finetune_epochs, bench_batch=args.bench_batch, cnn=not args.no_cnn, log=log)
     if args.json:
         emit_json(summary)
