@@ -97,9 +97,9 @@ def calibrate_on_data(model: Any, sens: Any, x: Any, targets: Sequence[str] = ("
 
     Options (defaults): ``targets=("heads", "tokens")``; ``points=12`` measured plans per curve (stage 1: per
     target; stage 2: per target set), spread by :func:`curve_points` over ``[lo, hi] = [1e-3, 1]`` nats
-    (on the demo ViT the map's own error on the calibration images is 19-34% with 4 points, 8-13% with 8,
-    6-8% with 12 and 4-5% with 24, while val -> held-out sampling noise is 15-25%: see
-    ``benchmarks/budget_accuracy.py --points-sweep``);
+    (on the demo ViT, without the bisection below, the map's own mean error on the calibration images was
+    19-34% with 4 points, 8-13% with 8, 6-8% with 12, 4-5% with 24; with it, 1-6% from 4 points up, max
+    1.1-1.3x, while val -> held-out sampling noise is 15-35%: ``benchmarks/budget_accuracy.py --points-sweep``);
     ``calibration_model="power"`` for stage 1 (see ``budget.calibrate``); ``sets`` the target sets that get
     a stage-2 curve (default None: every non-empty subset of ``targets``); ``max_gap=1.5``: stage-2 knots whose
     measurements differ by more than this factor are bisected (up to ``2 * points`` more plans per curve,
