@@ -11,6 +11,9 @@ for impossible sizes (negative or huge dims, data shorter than the dims say), so
 memory from a corrupt header. External data must sit beside the model (no absolute paths, no
 ``..``) and be long enough for every tensor that points into it. The input file is only read.
 
+Big models stay cheap: the checker runs on a light copy (weights stubbed, :func:`check_light`) above
+64 MiB of weights, and single-file saves stream one tensor at a time (:func:`write_streamed`).
+
 ``save_model`` never modifies the ``ModelProto`` it is given (it saves a copy when external data is
 written), writes the ``.onnx`` and its ``<name>.data`` in a temporary directory beside the target and
 moves them into place by renames (data first), and refuses to overwrite the file it was loaded from.
