@@ -268,7 +268,8 @@ def check_light(model: Any, full_check: bool = False) -> None:
 
     The checker needs a path for external data, so the copy is written to a temporary folder next to
     an empty stub file. Weight data itself is not checked here (``load_model`` checks sizes first).
-    ``full_check`` (default False): also strict shape inference. Raises ``onnx.checker.ValidationError``.
+    ``full_check`` (default False): also strict shape inference. Raises ``onnx.checker.ValidationError``
+    (or ``onnx.shape_inference.InferenceError`` from the full check).
     """
     onnx = _onnx()
     light = light_model(model, keep_elements=1024, stub=True)

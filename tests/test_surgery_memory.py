@@ -102,3 +102,19 @@ def test_failed_smoke_run_leaves_no_file(tmp_path_factory, tmp_path, monkeypatch
     with pytest.raises(HeartError, match="smoke run failed"):
         prune(path, plan, tmp_path / "out.onnx")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_check_light_full_check_sees_stubbed_shapes():
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 64])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 48])
+
+    def model(rows: int):
+        w = numpy_helper.from_array(np.ones((rows, 48), np.float32), "w")
+        return helper.make_model(helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w]),
+                                 opset_imports=[helper.make_opsetid("", 18)])
+
+    onnx_io.check_light(model(64), full_check=True)
+    light = onnx_io.light_model(model(64), keep_elements=16, stub=True)
+    assert light.graph.initializer[0].data_location == TensorProto.EXTERNAL and not light.graph.initializer[0].raw_data
+    with pytest.raises(onnx.shape_inference.InferenceError, match="(?i)incompatible dimensions"):
+        onnx_io.check_light(model(32), full_check=True)  # (b, 64) @ (32, 48): only the stub's dims tell
