@@ -1,7 +1,7 @@
 """An ONNX model over 2 GB (external data) through ``heart-onnx inspect`` and ``heart-onnx prune``.
 
 The model is a real timm ViT (3 blocks, width 3936, 8 heads of 492, 16x16 images in 8x8 patches -> 5
-tokens) with 557 M parameters = 2.23 GB of float32 weights, random init, exported by
+tokens) with 558.7 M parameters = 2.23 GB (2.08 GiB) of float32 weights, random init, exported by
 ``heart_onnx.models.export.export`` (dynamo), which writes the weights to ``big.onnx.data`` because they
 are over 2 GB. The plan removes one head in two layers and keeps 3 of 5 tokens after block 1, so the
 pruned model is still over 2 GiB and must be written with external data too.
