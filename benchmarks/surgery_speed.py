@@ -19,7 +19,10 @@ On a 2-core machine shared with other processes the spread is wide: read the p10
 Graph check: ORT's optimised graph of every variant (``optimized_model_filepath``, weights written
 aside) is dumped and its op-type counts reported next to the dense graph's, to show whether the
 fusions ORT applies to the dense graph survive surgery. ``--profile`` adds ORT's per-op-type time
-(``enable_profiling``, one run at the largest batch) for dense and each pruned graph.
+(``enable_profiling``, one run after a warm-up at the largest batch) for dense and each pruned graph,
+and the kernel time of the nodes the token pass inserted (names ``heart_tokens*``: scorer, TopK,
+index expansion, GatherElements, Concat) as a fraction of the pruned graph's kernel time: a
+selection-overhead measure that wall-clock noise on a shared machine does not swamp.
 
 Surgery cost (heads 50% + tokens 30% is the acceptance plan; every plan is measured): ``prune`` in a
 fresh subprocess; wall time; peak RSS (``VmHWM``, the same high-water mark as ``ru_maxrss`` but not
@@ -120,6 +123,8 @@ def _op_profile(path: Path, threads: int, batch: int, work: Path) -> dict[str, f
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time") and e["ts"] >= last_start:
             per[e.get("args", {}).get("op_name", "?")] += e["dur"] / 1000.0
+            if e["name"].startswith("heart_tokens"):  # nodes the token pass inserted: scorer, TopK, gathers
+                per["<heart_tokens nodes>"] += e["dur"] / 1000.0
     return dict(sorted(per.items(), key=lambda kv: -kv[1]))
 
 
@@ -280,6 +285,16 @@ def main(argv: list[str] | None = None) -> int:
         for k, v in graphs.items():
             if not k.endswith("_static"):
                 profiles[k] = _op_profile(v, args.threads, b, work)
+        for name, r in results.items():
+            per = profiles[name]
+            total = sum(x for op, x in per.items() if not op.startswith("<"))
+            sel = per.get("<heart_tokens nodes>", 0.0)
+            r["profile_batch"] = b
+            r["profile_kernel_ms"] = total
+            r["profile_selection_ms"] = sel
+            r["profile_selection_frac"] = sel / total if total else None
+            print(f"  {name} batch {b} profile: kernels {total:.0f} ms, token-selection nodes {sel:.2f} ms "
+                  f"({100 * sel / total:.3f}%)", file=sys.stderr, flush=True)
     report = {
         "protocol": __doc__.strip(), "device": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg(), "provider": "CPUExecutionProvider",
