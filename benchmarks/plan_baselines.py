@@ -134,64 +134,6 @@ def stage_calibrated(adapter, sens, x, keeps=(15, 13, 11, 9, 7, 5, 3)):
     return out
 
 
-def install_token_shift() -> None:
-    """PROTOTYPE of a proposed ``budget._Problem`` change (``--token-shift``): when the last token stage already
-    keeps ``min_keep`` tokens, the greedy's tokens slot of stage ``i`` is exhausted even though moving drops from
-    a later stage ``j`` to stage ``i`` (``drops[i] += 1, drops[j] -= 1``: later keeps unchanged, blocks i+1..j run
-    on fewer tokens) still saves FLOPs. Without it the curve dead-ends (demo ViT, retrained weights: Hessian
-    tokens-only curves stop below 30% saved, while 44% is reachable). Caveat: such a move can LOWER the predicted
-    loss (when the later stage's curve is steeper at that K), so the curve's loss is then not monotone."""
-    from heart_onnx import budget as bm
-
-    prob = bm._Problem
-    if hasattr(prob, "_orig_token_step"):
-        return
-    prob._orig_token_step, prob._orig_evaluate, prob._orig_apply = prob._token_step, prob.evaluate, prob.apply
-
-    def move(self, i):
-        step = prob._orig_token_step(self, i)
-        if step > 0 or self.keeps()[-1] > self.min_keep:
-            return step, None
-        for j in range(i + 1, len(self.drops)):
-            if self.drops[j] > 0:
-                step = min(self.token_step, self.drops[j])
-                if self.drops[i] == 0:  # opening stage i: the fewest moved tokens that pay for its overhead
-                    base = self.effective_macs()
-                    while step < self.drops[j]:
-                        new = list(self.drops)
-                        new[i], new[j] = step, self.drops[j] - step
-                        if base - self.effective_macs(new) > 0:
-                            break
-                        step += 1
-                return step, j
-        return 0, None
-
-    def evaluate_(self, kind, i):
-        if kind != "tokens":
-            return prob._orig_evaluate(self, kind, i)
-        step, donor = move(self, i)
-        if step <= 0:
-            return None
-        new = list(self.drops)
-        new[i] += step
-        if donor is not None:
-            new[donor] -= step
-        return self.token_loss(new) - self.token_loss(), 2.0 * (self.effective_macs() - self.effective_macs(new))
-
-    def apply_(self, kind, i):
-        if kind != "tokens":
-            return prob._orig_apply(self, kind, i)
-        self._dirty(blocks=False)
-        step, donor = move(self, i)
-        self._dirty(blocks=False)
-        self.drops[i] += step
-        if donor is not None:
-            self.drops[donor] -= step
-        return self.token_layers[i], i, ""
-
-    prob.evaluate, prob.apply = evaluate_, apply_
-
-
 def evaluate(adapter, plan, x, y, dense_logp) -> dict:
     with apply_plan(adapter, plan) as a, torch.no_grad():
         lp = torch.log_softmax(a.forward(x), -1)  # (B, C)
@@ -208,7 +150,7 @@ def describe(plan) -> dict:
 
 def markdown(res: dict) -> str:
     red = res["reductions"]
-    shift = " Planner with the token-shift prototype." if res.get("token_shift") else ""
+    shift = ""
     if res.get("token_layers"):
         shift += f" Token layers {res['token_layers']}."
     lines = [f"Demo ViT, digits test ({res['n_test']} images), no fine-tuning; scores on digits:{res['split']} "
@@ -248,12 +190,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reductions", default="0.3,0.4,0.5")
     ap.add_argument("--random-seeds", type=int, default=5)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--token-shift", action="store_true", help="prototype planner move (see install_token_shift)")
+    ap.add_argument("--token-shift", action="store_true", help="no-op alias: budget.py's greedy now always moves token drops to earlier stages")
     ap.add_argument("--token-layers", default=None, help="token pruning blocks, e.g. 0,1,2 (default: the planner's)")
     ap.add_argument("--no-calibrated", action="store_true", help="skip the hessian_calibrated method")
     args = ap.parse_args(argv)
-    if args.token_shift:
-        install_token_shift()
     torch.set_num_threads(1)
     t0 = time.time()
     torch.manual_seed(0)
@@ -270,7 +210,7 @@ def main(argv=None) -> int:
         "protocol": __doc__.split("Protocol")[1].split("    OMP")[0].strip(), "model": "demo_vit",
         "weights": args.weights or "shipped", "split": args.split, "n_calib": int(sum(len(b[0]) for b in calib)),
         "n_test": int(len(xt)), "dense_accuracy": float((dense_logp.argmax(-1) == yt).double().mean()),
-        "reductions": reductions, "token_shift": bool(args.token_shift), "token_layers": token_layers, "torch": torch.__version__, "python": platform.python_version(), "runs": [],
+        "reductions": reductions, "token_layers": token_layers, "torch": torch.__version__, "python": platform.python_version(), "runs": [],
     }
     for m in METHODS:
         for seed, s in enumerate(sens.get(m, [])):

@@ -14,6 +14,9 @@ Actions (one step each, all in one greedy):
   (a progressive keep ratio) and every later stage keeps fewer too. Predicted loss (nested stages):
   ``sum_s C_s(K_s) - C_s(K_{s-1})`` with ``C_s`` = ``sens.token_keep_curve[l_s]`` (made monotone) and
   ``K_0 = N``: stage ``s`` is charged only for the tokens it drops beyond those already gone.
+  Once the last stage keeps ``min_keep``, a step of stage ``i`` *moves* drops from the next later stage ``j``
+  that drops any (``drops[i] += step, drops[j] -= step``): the keep of ``j`` and after is unchanged, blocks
+  ``l_i+1 .. l_j`` run on fewer tokens. Without it tokens-only curves dead-end at the first ``min_keep``.
 - ``pairs``: raise one weight's merge sparsity to the next grid step (``sparsities``; default
   0.1 ... 0.9 for ``unstructured`` and ``channel``, 0.5 for ``2:4``). Predicted loss:
   ``heart_onnx.pairing.merge_curve`` per weight, summed over weights.
@@ -76,6 +79,9 @@ class Action:
     dloss: float
     dflops: float
     name: str = ""  # pairs: weight name
+    # steps taken just before this one whose curve points were dropped (a later step lowered the predicted loss
+    # below theirs, see _Problem.greedy); replaying the action replays them first. Empty for most actions.
+    before: tuple["Action", ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -132,7 +138,9 @@ class Pareto:
             "loss": self.loss.tolist(), "flops": self.flops.tolist(), "flops_dense": self.flops_dense,
             "targets": list(self.targets), "token_layers": list(self.token_layers), "granularity": self.granularity,
             "scorer": self.scorer, "fuse_dropped": self.fuse_dropped,
-            "actions": [[a.kind, a.layer, a.index, a.name, a.dloss, a.dflops] for a in self.actions],
+            "actions": [[a.kind, a.layer, a.index, a.name, a.dloss, a.dflops]
+                        + ([[[b.kind, b.layer, b.index, b.name] for b in a.before]] if a.before else [])
+                        for a in self.actions],
         }
 
 
@@ -582,11 +590,13 @@ class _Problem:
             dl = self._f("heads", raw + float(self.head_cost[i][r])) - self._f("heads", raw)
             return dl, 2.0 * self.spec.head_block_macs(n)
         if kind == "tokens":
-            step = self._token_step(i)
+            step, donor = self._token_move(i)
             if step <= 0:
                 return None
             new = list(self.drops)
             new[i] += step
+            if donor is not None:
+                new[donor] -= step
             dl = self.token_loss(new) - self.token_loss()
             df = self.effective_macs() - self.effective_macs(new)
             return dl, 2.0 * df
@@ -615,6 +625,29 @@ class _Problem:
                 step += 1
         return step
 
+    def _token_move(self, i: int) -> tuple[int, int | None]:
+        """(tokens, donor stage) of the next step of stage ``i``: ``(_token_step(i), None)`` while the last stage
+        can still drop; once it keeps ``min_keep``, a *move* of ``token_step`` drops from the next later stage
+        ``j`` that drops any (``drops[i] += n, drops[j] -= n``; when it opens stage ``i``, the fewest that pay
+        for its overhead). ``(0, None)``: exhausted."""
+        step = self._token_step(i)
+        if step > 0 or self.keeps()[-1] > self.min_keep:
+            return step, None
+        for j in range(i + 1, len(self.drops)):
+            dj = self.drops[j]
+            if dj > 0:
+                step = min(self.token_step, dj)
+                if self.drops[i] == 0:
+                    base = self.effective_macs()
+                    new = list(self.drops)
+                    while step < dj:
+                        new[i], new[j] = step, dj - step
+                        if base - self.effective_macs(new) > 0:
+                            break
+                        step += 1
+                return step, j
+        return 0, None
+
     def apply(self, kind: str, i: int) -> tuple[int, int, str]:
         """Take the next step of slot (kind, i); returns the Action's (layer, index, name)."""
         self._dirty(blocks=kind != "tokens")
@@ -623,9 +656,11 @@ class _Problem:
             self.removed[i] += 1
             return i, h, ""
         if kind == "tokens":
-            step = self._token_step(i)
-            self._dirty(blocks=False)  # _token_step cached the state before the drop
+            step, donor = self._token_move(i)
+            self._dirty(blocks=False)  # _token_move cached the state before the drop
             self.drops[i] += step
+            if donor is not None:
+                self.drops[donor] -= step
             return self.token_layers[i], i, ""
         s = self.pstep[i]
         self.pstep[i] = s + 1
@@ -637,12 +672,13 @@ class _Problem:
         self.reset()
         index = {n: i for i, n in enumerate(self.pair_names)}
         for a in actions:
-            if a.kind == "heads":
-                self.apply("heads", a.layer)
-            elif a.kind == "tokens":
-                self.apply("tokens", a.index)
-            else:
-                self.apply("pairs", index[a.name])
+            for b in a.before + (a,):
+                if b.kind == "heads":
+                    self.apply("heads", b.layer)
+                elif b.kind == "tokens":
+                    self.apply("tokens", b.index)
+                else:
+                    self.apply("pairs", index[b.name])
 
     # ---------------------------------------------------------------- greedy
     def greedy(self) -> Pareto:
@@ -693,7 +729,20 @@ class _Problem:
             else:
                 cur_loss += ev[0]
             f = 2.0 * self.effective_macs()
-            actions.append(Action(kind, layer, index, float(cur_loss - loss[-1]), float(flops[-1] - f), name))
+            # A token move can LOWER the predicted loss (the donor stage's curve is steeper at its keep). The
+            # stage-2 maps need a raw loss that is monotone along the curve, so the curve keeps to its
+            # non-dominated front: the points this step beats (more loss AND more FLOPs) are dropped, their
+            # steps folded into this action's ``before`` (replayed first), so every reported point is still a
+            # state the greedy visited and point i is still the plan of actions[:i]. (Combining moves instead
+            # would need look-ahead; dropping dominated points never makes a budget's plan worse.)
+            before: list[Action] = []
+            while len(loss) > 1 and loss[-1] > cur_loss:
+                a = actions.pop()
+                before[:0] = list(a.before) + [Action(a.kind, a.layer, a.index, a.dloss, a.dflops, a.name)]
+                loss.pop()
+                flops.pop()
+            actions.append(Action(kind, layer, index, float(cur_loss - loss[-1]), float(flops[-1] - f), name,
+                                  tuple(before)))
             loss.append(cur_loss)
             flops.append(f)
             nxt = self.evaluate(kind, i)
@@ -705,7 +754,7 @@ class _Problem:
         mapped = raw
         if self.lmap is not None:  # stage 2: the target set's measured curve (monotone: same points, new values)
             mapped = np.asarray(self.lmap(raw), dtype=np.float64).reshape(-1)
-            actions = [Action(a.kind, a.layer, a.index, float(mapped[j + 1] - mapped[j]), a.dflops, a.name)
+            actions = [Action(a.kind, a.layer, a.index, float(mapped[j + 1] - mapped[j]), a.dflops, a.name, a.before)
                        for j, a in enumerate(actions)]
         return Pareto(
             loss=mapped, flops=np.asarray(flops), flops_dense=float(flops[0]), actions=tuple(actions),

@@ -304,3 +304,31 @@ def test_power_calibration_recovers_superadditive_growth():
         assert predict(s, p)["total"] == pytest.approx(p.predicted_loss_change, rel=1e-9)
     with pytest.raises(HeartError, match="only one target"):
         calibrate(synth(), [({"heads": 0.01, "tokens": 0.01}, 0.05)], model="power")
+
+
+def test_token_moves_reach_first_stage_and_keep_curve_monotone():
+    # a cheap later stage fills first; once the last stage keeps min_keep, tokens steps move drops to earlier
+    # stages (budget._Problem._token_move). A move may lower the predicted loss: the curve then drops the points
+    # it dominates (Action.before), so the raw loss stays monotone and every point is still its plan's prediction.
+    from heart_onnx.flops_target import plan_at
+
+    folded = 0
+    for seed in range(6):
+        s = synth(L=4, N=17, seed=seed)
+        rng = np.random.default_rng(100 + seed)
+        c = s.token_keep_curve.copy()
+        c[rng.integers(1, 3)] *= rng.uniform(1e-3, 0.3)
+        s.token_keep_curve = c
+        for fuse in (False, True):
+            for targets in (["tokens"], ["heads", "tokens"]):
+                cv = pareto(s, targets, fuse_dropped=fuse)
+                folded += sum(1 for a in cv.actions if a.before)
+                assert np.all(np.diff(cv.loss) >= 0) and np.all(np.diff(cv.flops) < 0)
+                for i in range(len(cv)):  # independent FLOPs count and prediction of each point's plan
+                    p = plan_at(cv, i)
+                    assert abs(model_flops(s.meta["geometry"], p).pruned - cv.flops[i]) < 1e-9 * cv.flops[0]
+                    assert abs(predict(s, p)["total"] - cv.loss[i]) < 1e-12 + 1e-9 * cv.loss[i]
+                if targets == ["tokens"]:  # the end of a tokens-only curve: the first stage keeps min_keep
+                    first = plan_at(cv, len(cv) - 1).tokens[0]
+                    assert (first.after_layer, first.keep) == (1, 2)
+    assert folded > 0  # the fold was exercised

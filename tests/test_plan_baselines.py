@@ -86,9 +86,6 @@ def test_plannable_keep_curve_brute_force_and_normalisation():
     assert np.allclose(plannable(sn, rt).head, sn.head)
 
 
-@pytest.mark.xfail(strict=True, reason="budget.py greedy dead-ends once the last token stage keeps min_keep; the fix "
-                   "(a tokens step that moves drops from a later stage, benchmarks/plan_baselines.py --token-shift) is "
-                   "proposed to budget.py's owner: remove this marker when it lands")
 @pytest.mark.parametrize("fuse", [False, True])
 def test_token_curve_does_not_dead_end(fuse):
     # a keep curve that makes the LAST stage nearly free: the greedy fills it first; drops must still move to
