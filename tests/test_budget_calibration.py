@@ -140,7 +140,10 @@ def test_demo_vit_calibrated_predictions_match_heldout(tmp_path):
     for b in (0.02, 0.1):
         p = curve.to_plan(b)
         pred = p.predicted_loss_change
-        assert 0.3 * b <= pred <= b * (1 + 1e-9)
+        # the plan is the curve's last point within the budget (the curve's raw loss is monotone); how much of
+        # the budget it uses depends on the step sizes of the curve, not on the calibration
+        fits = np.flatnonzero(np.asarray(curve.loss) <= b * (1 + 1e-9))
+        assert 0 < pred <= b * (1 + 1e-9) and pred == pytest.approx(float(curve.loss[fits[-1]]), rel=1e-9)
         meas = measured_kl(model, p, x_te, dense)
         assert 0.5 <= meas / pred <= 2.0, (b, pred, meas)
 
