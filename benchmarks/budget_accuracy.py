@@ -117,6 +117,60 @@ def _score(rows: list[dict], targets: str | None = None) -> dict:
     return {"mean_abs_log_ratio": float(np.mean(lr)), "worst_ratio_factor": float(math.exp(max(lr)))} if lr else {}
 
 
+def resplits(model, n: int, n_sens: int, points: int, disjoint: bool = False) -> dict:
+    """The protocol rerun on ``n`` random 300/450 re-splits of val + test (module docstring, ``--resplits``)."""
+    _, _, x_te, y_te = digits_split()
+    x_val, y_val = digits_val()
+    x_pool, y_pool = torch.cat([x_val, x_te]), torch.cat([y_val, y_te])  # (750, 1, 8, 8), (750,)
+    n_cal = len(x_val)
+    cells = []
+    for r in range(n):
+        perm = torch.from_numpy(np.random.default_rng(1000 + r).permutation(len(x_pool)))
+        cal, held = perm[:n_cal], perm[n_cal:]
+        xc, xh = x_pool[cal], x_pool[held]
+        batches = [(xc[i:i + 32], y_pool[cal][i:i + 32]) for i in range(0, n_sens, 32)]
+        t0 = time.perf_counter()
+        sens = analyze(model, batches, targets=("heads", "tokens"), seed=r)
+        calibrate_on_data(model, sens, xc[n_sens:] if disjoint else xc, points=points)
+        with torch.no_grad():
+            dense_c, dense_h = model(xc), model(xh)  # (300, 10), (450, 10)
+        for ts in SETS:
+            curve = B.pareto(sens, list(ts))
+            for b in BUDGETS:
+                plan = curve.to_plan(b)
+                pred = float(plan.predicted_loss_change or 0.0)
+                meas = float(per_image_kl(model, plan, xh, dense_h).mean())
+                meas_cal = float(per_image_kl(model, plan, xc, dense_c).mean())
+                if pred > 0 and meas > 0 and meas_cal > 0:
+                    cells.append({"resplit": r, "targets": "+".join(ts), "budget": b, "predicted": pred,
+                                  "measured": meas, "measured_calibration": meas_cal,
+                                  "ratio": meas / pred, "floor_ratio": meas / meas_cal})
+        print(f"resplit {r}: {time.perf_counter() - t0:.1f} s", flush=True)
+    summary = {}
+    for b in BUDGETS:
+        rs = np.array([c["ratio"] for c in cells if c["budget"] == b])
+        fl = np.array([c["floor_ratio"] for c in cells if c["budget"] == b])
+        if len(rs):
+            summary[str(b)] = {"cells": len(rs), "median_ratio": float(np.median(rs)),
+                               "geomean_ratio": float(np.exp(np.log(rs).mean())),
+                               "within_30pct": float(np.mean(np.abs(rs - 1) <= 0.3)),
+                               "floor_within_30pct": float(np.mean(np.abs(fl - 1) <= 0.3)),
+                               "ratio_p10_p90": [float(np.percentile(rs, 10)), float(np.percentile(rs, 90))]}
+    allr = np.array([c["ratio"] for c in cells])
+    allf = np.array([c["floor_ratio"] for c in cells])
+    summary["all"] = {"cells": len(allr), "geomean_ratio": float(np.exp(np.log(allr).mean())),
+                      "within_30pct": float(np.mean(np.abs(allr - 1) <= 0.3)),
+                      "floor_within_30pct": float(np.mean(np.abs(allf - 1) <= 0.3))}
+    print("| budget | cells | median ratio | geomean ratio | within +-30% | noise floor within +-30% | ratio p10..p90 |")
+    print("|---|---|---|---|---|---|---|")
+    for k, v in summary.items():
+        if k != "all":
+            print(f"| {k} | {v['cells']} | {v['median_ratio']:.2f} | {v['geomean_ratio']:.2f} | {v['within_30pct']:.2f} "
+                  f"| {v['floor_within_30pct']:.2f} | {v['ratio_p10_p90'][0]:.2f}..{v['ratio_p10_p90'][1]:.2f} |")
+    print("all", summary["all"])
+    return {"n": n, "summary": summary, "cells": cells}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", nargs="?", default="artifacts/budget_accuracy.json", help="JSON output (default artifacts/budget_accuracy.json)")
@@ -125,6 +179,8 @@ def main(argv=None) -> int:
     ap.add_argument("--points-sweep", default="", help="comma list of point counts to compare (default: none)")
     ap.add_argument("--boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
     ap.add_argument("--seed", type=int, default=0, help="sensitivity probe seed (default 0)")
+    ap.add_argument("--resplits", type=int, default=0, help="random val+test re-splits to rerun the protocol on (default 0)")
+    ap.add_argument("--resplit-disjoint", action="store_true", help="in resplits, calibrate on images the sensitivities did not see")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     model = demo_vit()
@@ -179,6 +235,8 @@ def main(argv=None) -> int:
                           "val_interpolation": val_interpolation(model, s, x_val, dense_val)})
             print("points sweep", sweep[-1])
         result["points_sweep"] = sweep
+    if args.resplits:
+        result["resplits"] = resplits(model, args.resplits, args.n_sens, args.points, args.resplit_disjoint)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
