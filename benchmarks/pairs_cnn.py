@@ -3,9 +3,9 @@
 Protocol
 --------
 - Model: ``heart_onnx.models.demo.demo_cnn()`` (shipped weights), eval mode, CPU, float32.
-- Data: scikit-learn digits, the fixed ``DEMO_SPLIT``: sensitivities on the 256-sample calibration
-  subset of the training split (batches of ``--batch``), accuracy and KL(dense || merged) on the 450
-  held-out test images. No fine-tuning after merging (one-shot).
+- Data: scikit-learn digits, the fixed ``DEMO_SPLIT``: sensitivities on the 300 val images
+  (``digits_calibration()``, never trained on; batches of ``--batch``), accuracy and KL(dense || merged)
+  on the 450 held-out test images. No fine-tuning after merging (one-shot).
 - Sensitivities: ``weight_sensitivities`` with the label-free KL loss, ``--probes`` Hutchinson probes
   per batch, ``--power-iters`` power iterations per layer, input Gram matrices.
 - Weights merged: every Conv/Linear the adapter lists that supports the granularity (2:4 needs input
