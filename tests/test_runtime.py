@@ -204,6 +204,28 @@ def test_benchmark_pair_ratio_wide_margin(tmp_path):
     assert res["a"].protocol["interleaved"] and res["b"].shapes == {"x": [16, 64]}
 
 
+def test_benchmark_pair_sessions_do_not_spin(tmp_path, monkeypatch):
+    """Interleaved ORT CPU sessions are made without spinning thread pools; a lone runner keeps ORT's default."""
+    from heart_onnx.runtime import api
+
+    path = tmp_path / "m.onnx"
+    mlp_onnx(path, width=32, depth=1)
+    made = []
+    real = api.make_runner
+
+    def spy(*a, **kw):
+        made.append(real(*a, **kw))
+        return made[-1]
+
+    monkeypatch.setattr(api, "make_runner", spy)
+    benchmark_pair(path, path, batch=2, warmup=1, repeats=2, threads=1, power="none")
+    assert len(made) == 2 and all(r.spinning is False for r in made)
+    with OrtRunner(path, spinning=False) as r:
+        assert r.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with OrtRunner(path) as r, pytest.raises(RuntimeError):  # no entry: ORT's default (spinning)
+        r.session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+
+
 def test_harness_overhead_wide_margin(tmp_path):
     """The harness's median is close to a bare InferenceSession.run loop (2% in the benchmark; 25% here)."""
     path = tmp_path / "m.onnx"

@@ -133,7 +133,8 @@ def benchmark_pair(path_a: str | os.PathLike, path_b: str | os.PathLike, backend
     """Time two models side by side, interleaved (A B B A ...), same options as ``benchmark``.
 
     Returns {"a": BenchResult, "b": BenchResult, "ratio": median_a / median_b} (ratio > 1: B is faster).
-    Both models get their own random inputs (they may have different shapes after token pruning).
+    Both models get their own random inputs (they may have different shapes after token pruning). On
+    ``ort-cpu`` the sessions do not spin between ops (ORT ``session.intra_op.allow_spinning=0``).
     """
     if backend == "trtexec":
         raise HeartError("--compare needs an in-process backend (ort-*, trt): trtexec runs one model per process")
@@ -142,10 +143,14 @@ def benchmark_pair(path_a: str | os.PathLike, path_b: str | os.PathLike, backend
             raise HeartError(f"model file not found: {p}")
     env = environment(backend)
     sampler = auto_sampler(power)
+    # Two ORT CPU sessions alternating on the same cores: each one's spinning thread pool steals the
+    # other's cores (demo ViT, 2 threads: dense/pruned ratios scattered 0.8-1.4x for one plan; without
+    # spinning 0.98-0.99x, as with 1 thread).
+    kw = {"spinning": False} if backend == "ort-cpu" else {}
     ra = make_runner(path_a, backend, precision=precision, threads=threads, cache_dir=cache_dir,
-                     shapes=_engine_shapes(path_a, backend, batch, shapes, dims))
+                     shapes=_engine_shapes(path_a, backend, batch, shapes, dims), **kw)
     rb = make_runner(path_b, backend, precision=precision, threads=threads, cache_dir=cache_dir,
-                     shapes=_engine_shapes(path_b, backend, batch, shapes, dims))
+                     shapes=_engine_shapes(path_b, backend, batch, shapes, dims), **kw)
     with ra, rb:
         fa = random_feed(ra.input_specs(), batch=batch, shapes=shapes, dims=dims, seed=seed)
         fb = random_feed(rb.input_specs(), batch=batch, shapes=shapes, dims=dims, seed=seed)

@@ -31,11 +31,13 @@ class OrtRunner(Runner):
     Options (defaults): ``precision="fp32"`` (fp16/int8 only with provider "trt"), ``threads=None``
     (ORT's default intra-op threads; pass 1 for stable timings on a shared CPU), ``cache_dir=None``
     (TensorRT engine and timing cache directory), ``sparsity=True`` (TensorRT EP 2:4 sparsity),
-    ``graph_optimization="all"``.
+    ``graph_optimization="all"``, ``spinning=True`` (intra-op threads busy-wait between ops; pass False when
+    two sessions alternate on the same cores, see :func:`heart_onnx.runtime.api.benchmark_pair`).
     """
 
     def __init__(self, path: str | os.PathLike | bytes, provider: str = "cpu", precision: str = "fp32", threads: int | None = None,
-                 cache_dir: str | os.PathLike | None = None, sparsity: bool = True, graph_optimization: str = "all"):
+                 cache_dir: str | os.PathLike | None = None, sparsity: bool = True, graph_optimization: str = "all",
+                 spinning: bool = True):
         super().__init__()
         if provider not in _PROVIDERS:
             raise HeartError(f"unknown ONNX Runtime provider {provider!r}: use cpu, cuda or trt")
@@ -52,6 +54,7 @@ class OrtRunner(Runner):
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.sparsity = sparsity
         self.graph_optimization = graph_optimization
+        self.spinning = spinning
         self.session = None
         self._out_names: list[str] = []
 
@@ -86,6 +89,8 @@ class OrtRunner(Runner):
         if self.threads:
             so.intra_op_num_threads = int(self.threads)
             so.inter_op_num_threads = 1
+        if not self.spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = {
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
             "none": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
