@@ -16,15 +16,9 @@ current OMP/MKL thread settings); median and p90 reported. Operations:
 the MatMul/Gemm/Conv MACs of the graph (onnx shape inference; ``heart_onnx.graph_flops`` too when it is
 installed) with ``heart_onnx.flops.model_flops``: the brief asks for agreement within 2%.
 
-``--calibrate-demo`` (needs torch; minutes): the demo ViT (``heart_onnx.models.demo``, digits), Hessian
-sensitivities from ``analyze`` on 256 training images (8 batches of 32); heads-only and tokens-only plans
-at budgets 0.01, 0.03, 0.1, 0.2 measured (KL(dense || masked) via ``models.masking.apply_plan``) on
-training images 256..511 and used to fit ``calibrate`` (``scale`` and ``power``); then heads, tokens and
-heads+tokens plans at the same budgets are measured on the first 300 held-out test images and compared
-with the calibrated prediction.
-
     OMP_NUM_THREADS=1 python benchmarks/planner_speed.py --out artifacts/planner_speed.json [--check-flops] [--pairs]
-        [--calibrate-demo]
+
+Whether the planner's predictions hold on held-out data is ``benchmarks/budget_accuracy.py``.
 """
 from __future__ import annotations
 
@@ -141,66 +135,12 @@ def check_flops() -> dict:
     return out
 
 
-def calibrate_demo() -> dict:
-    import torch
-
-    from heart_onnx.budget import calibrate, pareto
-    from heart_onnx.models import demo
-    from heart_onnx.models.masking import apply_plan
-    from heart_onnx.sensitivity.api import analyze
-
-    torch.manual_seed(0)
-    m = demo.demo_vit(pretrained=True).eval()
-    xtr, _, xte, _ = demo.digits_split()
-    t = time.perf_counter()
-    sens = analyze(m, [xtr[i:i + 32] for i in range(0, 256, 32)], targets=("heads", "tokens"))
-    t_an = time.perf_counter() - t
-
-    def kl_on(x):
-        with torch.no_grad():
-            dense = torch.log_softmax(m(x), -1)
-
-        def f(p):
-            with apply_plan(m, p) as a, torch.no_grad():
-                lp = torch.log_softmax(a.forward(x), -1)
-            return float((dense.exp() * (dense - lp)).sum(-1).mean())
-        return f
-
-    fit_kl, test_kl = kl_on(xtr[256:512]), kl_on(xte[:300])
-    budgets = (0.01, 0.03, 0.1, 0.2)
-    meas = []
-    for target in ("heads", "tokens"):
-        c = pareto(sens, [target])
-        for b in budgets:
-            p = c.to_plan(b)
-            meas.append((p, fit_kl(p)))
-    out: dict = {"analyze_s": t_an, "geometry": sens.meta["geometry"],
-                 "fit": [{"targets": list(p.notes["targets"]), "budget": p.budget,
-                          "predicted_uncalibrated": p.predicted_loss_change, "measured": m_} for p, m_ in meas]}
-    for model in ("scale", "power"):
-        sens.meta.pop("calibration", None)
-        cal = calibrate(sens, meas, model=model)
-        rows = []
-        for targets in (["heads"], ["tokens"], ["heads", "tokens"]):
-            c = pareto(sens, targets)
-            for b in budgets:
-                p = c.to_plan(b)
-                mk = test_kl(p)
-                rows.append({"targets": ",".join(targets), "budget": b, "predicted": p.predicted_loss_change,
-                             "measured": mk, "rel_err": mk / p.predicted_loss_change - 1 if p.predicted_loss_change else None,
-                             "flops_reduction": p.notes["reduction"], "tokens": [[t.after_layer, t.keep] for t in p.tokens],
-                             "heads_removed": sum(len(v) for v in p.heads.values())})
-        out[model] = {"calibration": cal, "held_out": rows}
-    return out
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="artifacts/planner_speed.json")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--pairs", action="store_true", help="also time a curve with channel merges of the 12 MLPs")
     ap.add_argument("--check-flops", action="store_true", help="export ViT-B/16 and compare graph MACs with the model")
-    ap.add_argument("--calibrate-demo", action="store_true", help="fit and check calibration on the demo ViT (torch, minutes)")
     args = ap.parse_args(argv)
 
     from heart_onnx.budget import pareto, plan
@@ -229,8 +169,6 @@ def main(argv=None) -> int:
         res["curve_points_with_pairs"] = len(c)
     if args.check_flops:
         res["flops_check"] = check_flops()
-    if args.calibrate_demo:
-        res["demo_calibration"] = calibrate_demo()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1, default=str))
     for k, v in res["timings"].items():
