@@ -1,6 +1,7 @@
 """Distributed accumulation (2 gloo processes on loopback) equals the single-process result."""
 import os
 import socket
+import sys
 
 import numpy as np
 import pytest
@@ -23,20 +24,22 @@ def _model_and_batches():
 
 
 def _worker(rank, world, port, out_dir):
-    import torch.distributed as dist
-
+    """One torchrun-like rank: the environment torchrun sets, ``init_from_env``, analyze, ``finish``, ``os._exit``
+    (the exit ``heart-onnx`` takes under torchrun: finalization can abort while Gloo threads release tensors)."""
+    from heart_onnx.sensitivity import distributed as D
     from heart_onnx.sensitivity.api import analyze
 
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        a, batches = _model_and_batches()
-        sens = analyze(a, batches, probes=3, seed=4, holdout=0.4)
-        if rank == 0:
-            sens.save(os.path.join(out_dir, "dist.npz"))
-    finally:
-        dist.destroy_process_group()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    assert D.init_from_env("gloo") and D.owns_group()
+    a, batches = _model_and_batches()
+    sens = analyze(a, batches, probes=3, seed=4, holdout=0.4)
+    if rank == 0:
+        sens.save(os.path.join(out_dir, "dist.npz"))
+    assert D.finish() and not D.owns_group() and D.rank_world() == (0, 1)
+    sys.stdout.flush()
+    os._exit(0)
 
 
 def _free_port():
@@ -78,3 +81,27 @@ def test_helpers_are_identity_single_process():
     assert np.array_equal(D.all_reduce_sum(a), a)
     assert D.gather_indexed([(2, "c"), (0, "a"), (1, "b")]) == ["a", "b", "c"]
     assert D.init_from_env() is False
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_cli_analyze_under_torchrun_equals_single_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m heart_onnx analyze`` exits 0 and writes what one process writes."""
+    import subprocess
+
+    from heart_onnx.cli.main import main
+    from heart_onnx.sensitivities import Sensitivities
+
+    args = ["analyze", "--model", "demo-vit", "--data", "digits:val", "--samples", "64", "--batch-size", "16"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(_free_port()), "-m", "heart_onnx", *args, "-o", str(tmp_path / "dist.npz")],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("wrote") == 1  # rank 0 reports, rank 1 stays quiet
+    assert main([*args, "-o", str(tmp_path / "one.npz")]) == 0
+    dist_s, one = Sensitivities.load(tmp_path / "dist.npz"), Sensitivities.load(tmp_path / "one.npz")
+    assert dist_s.meta["world_size"] == 2 and one.meta["world_size"] == 1
+    np.testing.assert_allclose(dist_s.head, one.head, rtol=1e-5, atol=1e-12)
+    np.testing.assert_allclose(dist_s.token_per_input, one.token_per_input, rtol=1e-5, atol=1e-12)

@@ -43,6 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    return _leave_process_group(_run(args))
+
+
+def _leave_process_group(rc: int) -> int:
+    """Under torchrun: tear the process group down (on success) and end with ``os._exit(rc)``, since
+    interpreter finalization can abort while Gloo threads still release tensors
+    (``sensitivity.distributed.finish``). Single-process: returns ``rc``."""
+    dist_mod = sys.modules.get("heart_onnx.sensitivity.distributed")  # imported only if a command used it
+    if dist_mod is None or not dist_mod.owns_group():
+        return rc
+    if rc == 0:
+        dist_mod.finish()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(rc)
+
+
+def _run(args) -> int:
     try:
         rc = args.func(args)
     except HeartError as exc:
