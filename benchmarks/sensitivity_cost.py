@@ -16,8 +16,8 @@ Protocol
   (``loss.lm_kl_chunked``) vs naive (full (B, T, V) logits) HVP probes, and the GGN estimator, each in a
   fresh subprocess. On CUDA:
   ``torch.cuda.max_memory_allocated``; on CPU: peak RSS minus RSS after model load, where the peak is
-  ``VmHWM`` of ``/proc/self/status`` reset after the load (``/proc/self/clear_refs``): ``ru_maxrss`` would
-  carry the parent's high-water mark over ``exec`` (the timing part's ViT-B/16).
+  ``heart_onnx.runtime.memory.peak_rss_bytes`` (``VmHWM``) reset after the load (``reset_peak_rss``):
+  ``ru_maxrss`` would carry the parent's high-water mark over ``exec`` (the timing part's ViT-B/16).
 
     OMP_NUM_THREADS=1 python benchmarks/sensitivity_cost.py --out artifacts/sensitivity_cost.json
 """
@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from heart_onnx.models.registry import adapt  # noqa: E402
+from heart_onnx.runtime.memory import peak_rss_bytes, reset_peak_rss, rss_bytes  # noqa: E402
 from heart_onnx.sensitivity.api import Objective, math_attention  # noqa: E402
 from heart_onnx.sensitivity.heads import HeadPerturbation  # noqa: E402
 from heart_onnx.sensitivity.hvp import HVP  # noqa: E402
@@ -128,27 +128,6 @@ def time_model(name, model, batch, dev, repeats):
     return r
 
 
-def _rss_mib(field: str) -> float:
-    """``VmRSS`` / ``VmHWM`` of this process from ``/proc/self/status``, MiB (``ru_maxrss`` where there is no /proc)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _reset_peak_rss() -> None:
-    """Reset ``VmHWM`` to the current RSS (Linux: write 5 to ``/proc/self/clear_refs``); no-op elsewhere."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
 def memory_child(seq, batch, mode):
     """Run in a subprocess: peak memory of one head-sensitivity batch on Pythia-160m.
 
@@ -169,8 +148,8 @@ def memory_child(seq, batch, mode):
     if mode == "hvp-naive":
         orig = api.Objective.__init__
         api.Objective.__init__ = lambda self, ad, name="kl", chunked=True: orig(self, ad, name, chunked=False)
-    _reset_peak_rss()
-    base_rss = _rss_mib("VmRSS")
+    reset_peak_rss()
+    base_rss = rss_bytes() / 2 ** 20
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() / 2 ** 20
@@ -183,7 +162,7 @@ def memory_child(seq, batch, mode):
         out["peak_mib"] = torch.cuda.max_memory_allocated() / 2 ** 20
         out["model_mib"] = base
     else:
-        out["peak_rss_mib"] = _rss_mib("VmHWM")
+        out["peak_rss_mib"] = peak_rss_bytes() / 2 ** 20
         out["rss_after_load_mib"] = base_rss
         out["peak_minus_load_mib"] = out["peak_rss_mib"] - base_rss
     print(json.dumps(out))

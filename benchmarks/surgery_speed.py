@@ -51,15 +51,11 @@ import numpy as np
 ACCEPT = "heads_50_tokens_30"
 
 _SURGERY_CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 import numpy, onnx, onnx_graphsurgeon, onnxruntime  # noqa: F401 - baseline: the imports prune needs
 from heart_onnx.plan import Plan
+from heart_onnx.runtime.memory import peak_rss_bytes as hwm  # VmHWM: not the parent's ru_maxrss
 from heart_onnx.surgery.api import prune
-def hwm():  # peak RSS of this process image (ru_maxrss would include the parent's RSS at fork)
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 plan = Plan.load(sys.argv[2])
 trace = sys.argv[4] == "1"
 base = hwm()

@@ -263,3 +263,17 @@ def test_engine_shapes_resolved_for_tensorrt(mlp):
     path = mlp[0]
     assert _engine_shapes(path, "trt", 4, None, None) == {"x": (4, 64)}
     assert _engine_shapes(path, "ort-cpu", 4, None, None) is None
+
+
+def test_peak_rss_tracks_an_allocation_and_resets():
+    """The kernel high-water mark sees a 64 MiB buffer that is gone again, and a reset brings it back down."""
+    from heart_onnx.runtime.memory import peak_rss_bytes, reset_peak_rss, rss_bytes
+
+    if not reset_peak_rss():
+        pytest.skip("no /proc/self/clear_refs (not Linux)")
+    before = peak_rss_bytes()
+    buf = np.ones(64 * 2**20, dtype=np.uint8)  # touched pages: resident
+    del buf
+    high = peak_rss_bytes()
+    assert high >= before + 60 * 2**20 and rss_bytes() < high
+    assert reset_peak_rss() and peak_rss_bytes() < high

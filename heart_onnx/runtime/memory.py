@@ -20,6 +20,35 @@ def rss_bytes() -> int | None:
             return None
 
 
+def peak_rss_bytes() -> int | None:
+    """This process's RSS high-water mark: Linux ``VmHWM`` (exact, and unlike ``ru_maxrss`` not carried over
+    ``exec`` from the parent that started it); ``ru_maxrss`` where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the high-water mark (:func:`peak_rss_bytes`) to the current RSS (Linux: write 5 to
+    ``/proc/self/clear_refs``); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 class PeakMemory:
     """Context manager: ``peak_rss_mb`` (host, sampled every ``interval_s``, default 5 ms) and
     ``peak_cuda_mb`` (``torch.cuda.max_memory_allocated`` when ``cuda`` is True, else None)."""
