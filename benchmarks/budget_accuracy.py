@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from heart_onnx import budget as B  # noqa: E402
 from heart_onnx.calibration import calibrate_on_data  # noqa: E402
-from heart_onnx.data import concat_batches, load_data  # noqa: E402
+from heart_onnx.data import load_data  # noqa: E402
 from heart_onnx.models.demo import demo_vit, digits_split, digits_val  # noqa: E402
 from heart_onnx.models.masking import apply_plan  # noqa: E402
 from heart_onnx.sensitivity.api import analyze  # noqa: E402
@@ -117,6 +117,16 @@ def _score(rows: list[dict], targets: str | None = None) -> dict:
     return {"mean_abs_log_ratio": float(np.mean(lr)), "worst_ratio_factor": float(math.exp(max(lr)))} if lr else {}
 
 
+def _resplit_stats(cells: list[dict]) -> dict:
+    """Measured / predicted over resplit cells: median, geometric mean, share within +-30%, the same share
+    for the noise floor (held-out / calibration measurement), p10..p90."""
+    rs, fl = np.array([c["ratio"] for c in cells]), np.array([c["floor_ratio"] for c in cells])
+    return {"cells": len(rs), "median_ratio": float(np.median(rs)), "geomean_ratio": float(np.exp(np.log(rs).mean())),
+            "within_30pct": float(np.mean(np.abs(rs - 1) <= 0.3)),
+            "floor_within_30pct": float(np.mean(np.abs(fl - 1) <= 0.3)),
+            "ratio_p10_p90": [float(np.percentile(rs, 10)), float(np.percentile(rs, 90))]}
+
+
 def resplits(model, n: int, n_sens: int, points: int, disjoint: bool = False) -> dict:
     """The protocol rerun on ``n`` random 300/450 re-splits of val + test (module docstring, ``--resplits``)."""
     _, _, x_te, y_te = digits_split()
@@ -127,8 +137,8 @@ def resplits(model, n: int, n_sens: int, points: int, disjoint: bool = False) ->
     for r in range(n):
         perm = torch.from_numpy(np.random.default_rng(1000 + r).permutation(len(x_pool)))
         cal, held = perm[:n_cal], perm[n_cal:]
-        xc, xh = x_pool[cal], x_pool[held]
-        batches = [(xc[i:i + 32], y_pool[cal][i:i + 32]) for i in range(0, n_sens, 32)]
+        xc, yc, xh = x_pool[cal], y_pool[cal], x_pool[held]
+        batches = [(xc[i:i + 32], yc[i:i + 32]) for i in range(0, n_sens, 32)]
         t0 = time.perf_counter()
         sens = analyze(model, batches, targets=("heads", "tokens"), seed=r)
         calibrate_on_data(model, sens, xc[n_sens:] if disjoint else xc, points=points)
@@ -146,21 +156,9 @@ def resplits(model, n: int, n_sens: int, points: int, disjoint: bool = False) ->
                                   "measured": meas, "measured_calibration": meas_cal,
                                   "ratio": meas / pred, "floor_ratio": meas / meas_cal})
         print(f"resplit {r}: {time.perf_counter() - t0:.1f} s", flush=True)
-    summary = {}
-    for b in BUDGETS:
-        rs = np.array([c["ratio"] for c in cells if c["budget"] == b])
-        fl = np.array([c["floor_ratio"] for c in cells if c["budget"] == b])
-        if len(rs):
-            summary[str(b)] = {"cells": len(rs), "median_ratio": float(np.median(rs)),
-                               "geomean_ratio": float(np.exp(np.log(rs).mean())),
-                               "within_30pct": float(np.mean(np.abs(rs - 1) <= 0.3)),
-                               "floor_within_30pct": float(np.mean(np.abs(fl - 1) <= 0.3)),
-                               "ratio_p10_p90": [float(np.percentile(rs, 10)), float(np.percentile(rs, 90))]}
-    allr = np.array([c["ratio"] for c in cells])
-    allf = np.array([c["floor_ratio"] for c in cells])
-    summary["all"] = {"cells": len(allr), "geomean_ratio": float(np.exp(np.log(allr).mean())),
-                      "within_30pct": float(np.mean(np.abs(allr - 1) <= 0.3)),
-                      "floor_within_30pct": float(np.mean(np.abs(allf - 1) <= 0.3))}
+    summary = {str(b): _resplit_stats([c for c in cells if c["budget"] == b]) for b in BUDGETS
+               if any(c["budget"] == b for c in cells)}
+    summary["all"] = _resplit_stats(cells)
     print("| budget | cells | median ratio | geomean ratio | within +-30% | noise floor within +-30% | ratio p10..p90 |")
     print("|---|---|---|---|---|---|---|")
     for k, v in summary.items():
